@@ -1,0 +1,330 @@
+"""Convert common dataset layouts into WebDataset shards (with the index the datamodule reads).
+
+    python -m datamodules.make_shards --format imagefolder --input train/ --output shards/ --prefix train
+    python -m datamodules.make_shards --format captions --input pairs.tsv --output shards/
+    python -m datamodules.make_shards --format coco --input instances_val2017.json --images val2017/ --output shards/
+    python -m datamodules.make_shards --format video --input DAVIS/ --resolution 480p --output shards/
+
+Every input that cannot be used is counted under a reason (printed at the end and stored in the
+index's ``skipped``); nothing is dropped silently. Exit code 0 on success, 1 if nothing could be
+written, 2 for bad arguments or a missing input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import sys
+from collections import Counter, defaultdict
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+from tqdm import tqdm
+
+from datamodules.shard_writer import ShardWriter, index_path
+
+
+class Skip(Exception):
+    """This input cannot become a sample; ``reason`` is the counter it goes to."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class UsageError(Exception):
+    """The arguments or the input layout are wrong: nothing to skip, the user must fix something."""
+
+
+def load_jpeg(path: Path) -> tuple[bytes, tuple[int, int]]:
+    """JPEG bytes of the image at ``path`` and its (width, height); RGB JPEGs are kept byte for byte."""
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise Skip("missing_file") from None
+    except OSError:
+        raise Skip("unreadable_file") from None
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            im.verify()  # structure and checksums; a truncated file is only caught by decoding
+        im = Image.open(io.BytesIO(data))
+        im.load()
+    except UnidentifiedImageError:
+        raise Skip("not_an_image") from None
+    except Image.DecompressionBombError:
+        raise Skip("too_many_pixels") from None
+    except (OSError, SyntaxError, ValueError):
+        raise Skip("corrupt_image") from None
+    if im.format == "JPEG" and im.mode == "RGB":
+        return data, im.size
+    buf = io.BytesIO()
+    im.convert("RGB").save(buf, "JPEG", quality=90)
+    return buf.getvalue(), im.size
+
+
+def png(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(array.astype(np.uint8)).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def rle_counts(counts: str | bytes) -> list[int]:
+    """Run lengths from COCO's compressed RLE string: 5-bit little-endian groups in chars offset by 48,
+    0x20 = more groups follow, 0x10 in the last group = negative; from the fourth run on each value is
+    a delta to the run two places back (the format of cocodataset/cocoapi common/maskApi.c rleToString)."""
+    s = counts.decode() if isinstance(counts, bytes) else counts
+    out: list[int] = []
+    i = 0
+    while i < len(s):
+        value, shift, more = 0, 0, True
+        while more:
+            c = ord(s[i]) - 48
+            i += 1
+            value |= (c & 0x1F) << shift
+            shift += 5
+            more = bool(c & 0x20)
+        if c & 0x10:
+            value -= 1 << shift
+        out.append(value + (out[-2] if len(out) > 2 else 0))
+    return out
+
+
+def rle_decode(rle: dict[str, Any]) -> np.ndarray:
+    """Binary (H, W) mask of a COCO RLE: alternating runs of 0 and 1, column-major, starting with 0."""
+    height, width = rle["size"]
+    counts = rle["counts"] if isinstance(rle["counts"], list) else rle_counts(rle["counts"])
+    flat = np.repeat(np.arange(len(counts), dtype=np.uint8) % 2, counts)
+    if flat.size != height * width:
+        raise Skip("bad_rle")
+    return flat.reshape(width, height).T
+
+
+def polygon_mask(polygons: list[list[float]], height: int, width: int) -> np.ndarray:
+    """bool (H, W): pixels whose centre (x + 0.5, y + 0.5) lies inside any polygon (even-odd rule).
+
+    The convention of COCO's rasteriser: an axis-aligned box polygon covers exactly its area in pixels.
+    (PIL's ImageDraw also fills the outline, which makes small objects visibly fatter.)
+    """
+    out = np.zeros((height, width), bool)
+    for poly in polygons:
+        if len(poly) < 6:
+            continue
+        xs, ys = np.asarray(poly[0::2], np.float64), np.asarray(poly[1::2], np.float64)
+        x0, x1 = max(int(xs.min()), 0), min(int(np.ceil(xs.max())), width)
+        y0, y1 = max(int(ys.min()), 0), min(int(np.ceil(ys.max())), height)
+        if x0 >= x1 or y0 >= y1:
+            continue
+        py, px = np.mgrid[y0:y1, x0:x1] + 0.5  # only the polygon's box: COCO objects are mostly small
+        inside = np.zeros(px.shape, bool)
+        for xa, ya, xb, yb in zip(xs, ys, np.roll(xs, -1), np.roll(ys, -1)):
+            if ya != yb:  # count crossings of a ray going right from the pixel centre
+                inside ^= ((ya > py) != (yb > py)) & (px < xa + (py - ya) * (xb - xa) / (yb - ya))
+        out[y0:y1, x0:x1] |= inside
+    return out
+
+
+def instance_mask(annotations: list[dict[str, Any]], height: int, width: int) -> np.ndarray:
+    """uint8 (H, W): 0 background, i = annotations[i - 1] (the first 255); later ones drawn on top."""
+    try:
+        from pycocotools import mask as coco_mask  # optional: COCO's own polygon rasteriser when installed
+    except ImportError:
+        coco_mask = None
+    out = np.zeros((height, width), np.uint8)
+    for i, ann in enumerate(annotations[:255], 1):
+        seg = ann.get("segmentation")
+        if not seg:
+            continue
+        if isinstance(seg, dict):
+            binary = rle_decode(seg)
+        elif coco_mask is not None:
+            binary = coco_mask.decode(coco_mask.merge(coco_mask.frPyObjects(seg, height, width)))
+        else:
+            binary = polygon_mask(seg, height, width)
+        if binary.shape != out.shape:
+            raise Skip("mask_size_mismatch")
+        out[binary.astype(bool)] = i
+    return out
+
+
+def read_mask(path: Path) -> np.ndarray:
+    """Object ids of a DAVIS-style annotation: palette index (P/L images) or one id per RGB colour."""
+    try:
+        im = Image.open(path)
+        im.load()
+    except (OSError, SyntaxError, ValueError):
+        raise Skip("corrupt_mask") from None
+    if im.mode in ("P", "L"):
+        return np.asarray(im)
+    rgb = np.asarray(im.convert("RGB")).reshape(-1, 3)
+    colours, ids = np.unique(rgb, axis=0, return_inverse=True)  # black sorts first: it stays 0
+    if len(colours) > 256:
+        raise Skip("too_many_objects")
+    return ids.reshape(im.height, im.width).astype(np.uint8)
+
+
+Format = tuple[list, Callable[[Any], dict], Counter, dict[str, Any]]  # items, make_sample, skipped, extra files
+
+
+def imagefolder(args: argparse.Namespace) -> Format:
+    root = Path(args.input)
+    classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    if not classes:
+        raise UsageError(f"{root} has no class sub-folders; expected {root}/<class_name>/<image files>")
+    mapping = {name: i for i, name in enumerate(classes)}
+    old = Path(args.output, "classes.json")
+    if old.exists() and json.loads(old.read_text()) != mapping and not args.overwrite:
+        raise UsageError(f"{old} maps other classes than {root}: labels would disagree between shard sets; "
+                         "use another --output, or --overwrite")
+    items = [(p, mapping[c]) for c in classes for p in sorted((root / c).rglob("*")) if p.is_file()]
+    skipped = Counter(not_in_a_class_folder=sum(p.is_file() for p in root.iterdir()))
+
+    def make(item: tuple[Path, int]) -> dict:
+        path, label = item
+        jpg, _ = load_jpeg(path)
+        meta = {"label": label, "class_name": classes[label], "source": str(path.relative_to(root))}
+        return {"jpg": jpg, "cls": str(label).encode(), "json": json.dumps(meta).encode()}
+
+    return items, make, skipped, {"classes.json": mapping}
+
+
+def captions(args: argparse.Namespace) -> Format:
+    path = Path(args.input)
+    text = path.read_text(encoding="utf-8-sig")
+    if path.suffix.lower() in (".tsv", ".csv"):
+        delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
+    else:
+        try:
+            delimiter = csv.Sniffer().sniff(text[:8192], delimiters=",\t;|").delimiter
+        except csv.Error:
+            raise UsageError(f"cannot tell the delimiter of {path}; name it .csv or .tsv") from None
+    reader = csv.DictReader(io.StringIO(text), delimiter=delimiter)
+    missing = {args.image_column, args.caption_column} - set(reader.fieldnames or [])
+    if missing:
+        raise UsageError(f"{path} has no column(s) {sorted(missing)}; its header is {reader.fieldnames}; "
+                         "pass --image_column / --caption_column")
+
+    def make(row: dict) -> dict:
+        image, text = row.get(args.image_column), row.get(args.caption_column)
+        if image is None or text is None:
+            raise Skip("malformed_row")
+        if not text.strip():
+            raise Skip("empty_caption")
+        jpg, _ = load_jpeg(path.parent / image.strip())  # an absolute path stays absolute
+        return {"jpg": jpg, "txt": text.strip().encode()}
+
+    return list(reader), make, Counter(), {}
+
+
+def coco(args: argparse.Namespace) -> Format:
+    if not args.images or not Path(args.images).is_dir():
+        raise UsageError(f"--format coco needs --images DIR with the image files (got {args.images!r})")
+    try:
+        data = json.loads(Path(args.input).read_text())
+    except ValueError as err:
+        raise UsageError(f"{args.input} is not a JSON file ({err})") from None
+    if not isinstance(data, dict) or "images" not in data:
+        raise UsageError(f"{args.input} is not a COCO instances file: no top-level 'images' list")
+    by_image = defaultdict(list)
+    for ann in data.get("annotations", []):
+        by_image[ann["image_id"]].append(ann)
+
+    def make(image: dict) -> dict:
+        jpg, (width, height) = load_jpeg(Path(args.images, image["file_name"]))
+        anns = [{k: a.get(k) for k in ("id", "bbox", "category_id", "segmentation", "iscrowd", "area")}
+                for a in by_image[image["id"]]]
+        meta = {"image_id": image["id"], "file_name": image["file_name"], "width": width, "height": height,
+                "annotations": anns}
+        return {"jpg": jpg, "json": json.dumps(meta).encode(), "mask.png": png(instance_mask(anns, height, width))}
+
+    return data["images"], make, Counter(), {"categories.json": data.get("categories", [])}
+
+
+def video(args: argparse.Namespace) -> Format:
+    frames_root = Path(args.input, "JPEGImages", args.resolution)
+    masks_root = Path(args.input, "Annotations", args.resolution)
+    if not frames_root.is_dir():
+        raise UsageError(f"{frames_root} does not exist: expected ROOT/JPEGImages/<resolution>/<video>/*.jpg "
+                         "(check --input and --resolution)")
+
+    def make(name: str) -> dict:
+        frames = sorted(p for p in (frames_root / name).iterdir() if p.is_file())
+        if not frames:
+            raise Skip("no_frames")
+        sample: dict[str, Any] = {}
+        annotated = []
+        for t, frame in enumerate(frames):  # one bad frame skips the video: a gap would break its timing
+            sample[f"{t:03d}.jpg"], (width, height) = load_jpeg(frame)
+            mask_path = masks_root / name / f"{frame.stem}.png"
+            if mask_path.exists():
+                ids = read_mask(mask_path)
+                if ids.shape != (height, width):
+                    raise Skip("mask_size_mismatch")
+                sample[f"{t:03d}.mask.png"] = png(ids)
+                annotated.append(t)
+        meta = {"name": name, "num_frames": len(frames), "frames": [p.stem for p in frames],
+                "annotated_frames": annotated}
+        return {**sample, "json": json.dumps(meta).encode()}
+
+    return sorted(d.name for d in frames_root.iterdir() if d.is_dir()), make, Counter(), {}
+
+
+FORMATS = {"imagefolder": imagefolder, "captions": captions, "coco": coco, "video": video}
+
+
+def convert(args: argparse.Namespace) -> dict[str, Any]:
+    """Write the shards; returns the index (num_samples, shards, skipped, source)."""
+    items, make, skipped, extras = FORMATS[args.format](args)
+    source = f"make_shards --format {args.format} --input {Path(args.input).resolve()}"
+    with ShardWriter(args.output, args.prefix, args.max_count, args.max_size, source, args.overwrite) as writer:
+        for reason, count in skipped.items():
+            if count:
+                writer.skip(reason, count)
+        for item in tqdm(items, desc=f"{args.format} -> {args.output}", unit="sample"):
+            try:
+                sample = make(item)
+            except Skip as skip:
+                writer.skip(skip.reason)
+                continue
+            writer.write({"__key__": f"{args.prefix}-{writer.num_samples:08d}", **sample})
+    for name, obj in extras.items():
+        Path(args.output, name).write_text(json.dumps(obj, indent=1))
+    return {"num_samples": writer.num_samples, "shards": writer.shards, "skipped": dict(writer.skipped)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m datamodules.make_shards", description=__doc__.split("\n")[0])
+    parser.add_argument("--format", required=True, choices=sorted(FORMATS))
+    parser.add_argument("--input", required=True, help="dataset folder (imagefolder, video) or file (captions, coco)")
+    parser.add_argument("--output", required=True, help="folder for the shards and the index")
+    parser.add_argument("--prefix", default="train", help="shard names: PREFIX-000000.tar, ... (default train)")
+    parser.add_argument("--max_count", type=int, default=1000, help="samples per shard at most")
+    parser.add_argument("--max_size", type=float, default=1e9, help="bytes per shard at most")
+    parser.add_argument("--overwrite", action="store_true", help="replace a shard set with the same prefix")
+    parser.add_argument("--images", help="coco: folder holding the images named by file_name")
+    parser.add_argument("--image_column", default="image", help="captions: column with the image path")
+    parser.add_argument("--caption_column", default="caption", help="captions: column with the caption")
+    parser.add_argument("--resolution", default="480p", help="video: sub-folder of JPEGImages/ and Annotations/")
+    args = parser.parse_args(argv)
+    if not Path(args.input).exists():
+        print(f"error: --input {args.input} does not exist", file=sys.stderr)
+        return 2
+    try:
+        index = convert(args)
+    except (UsageError, FileExistsError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    skipped = ", ".join(f"{reason} {n}" for reason, n in sorted(index["skipped"].items())) or "none"
+    print(f"wrote {index['num_samples']} samples in {len(index['shards'])} shard(s) to {args.output}\n"
+          f"skipped {sum(index['skipped'].values())}: {skipped}\nindex: {index_path(args.output, args.prefix)}")
+    if index["num_samples"] == 0:
+        print(f"error: nothing could be written from {args.input} (see the skip reasons above)", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,227 @@
+"""A LightningDataModule over WebDataset shards: resampled training stream, finite validation stream.
+
+The streams and the loader live in ``datamodules/streams.py``; this module validates the config and
+the shard specs before training, sizes the epoch, and normalises images on the device.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from lightning.pytorch import LightningDataModule
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+
+from . import IMAGENET_MEAN, IMAGENET_STD
+from .shards import check_finite_shards, expand_shards
+from .streams import CorruptDataError, FiniteShardStream, ResampledShardStream, ShardLoader
+from .transforms import normalize_on_device
+
+__all__ = ["CorruptDataError", "DataConfig", "ShardedDataModule"]
+
+
+@dataclass
+class DataConfig:
+    train_shards: str | None = None
+    """Training shards: path, directory, glob, {000..099} braces, fsspec URL, or several joined with '::'.
+    None: the built-in synthetic world (the recipe writes it and fills this in)."""
+    val_shards: str | None = None
+    """Validation shards, same forms as train_shards. None: no validation."""
+    batch_size: int = 32
+    """Samples per batch on each device (the global batch is batch_size x world size x accumulation)."""
+    num_workers: int = 2
+    """DataLoader worker processes per device; 0 reads in the training process."""
+    image_size: int = 64
+    """Side of the square images the transforms produce, in pixels."""
+    shuffle_buffer: int = 1000
+    """Samples held in each worker's shuffle buffer; 0 or 1 turns sample shuffling off."""
+    batches_per_epoch: int | None = None
+    """Training batches per rank per epoch. None: num_samples // (batch_size x world size) from the
+    shard index ({prefix}-index.json next to the shards); an error if there is no index."""
+    val_batches: int | None = None
+    """Cap on validation batches per rank. None: read every validation shard once."""
+    max_corrupt_fraction: float = 0.01
+    """Fail when more than this fraction of the samples read from a shard are corrupt (bad image,
+    missing key, unreadable tar member); below it, corrupt samples are skipped and counted."""
+    min_samples_for_corrupt_check: int = 100
+    """Samples to read from a shard before max_corrupt_fraction is enforced (avoids failing on the
+    first bad sample of a shard)."""
+
+    def __post_init__(self) -> None:
+        positive = {"batch_size": self.batch_size, "image_size": self.image_size}
+        positive |= {"batches_per_epoch": self.batches_per_epoch, "val_batches": self.val_batches}
+        for name, value in positive.items():
+            if value is not None and value < 1:
+                raise ValueError(f"DataConfig.{name} must be >= 1, got {value} (--data.{name})")
+        for name in ("num_workers", "shuffle_buffer", "min_samples_for_corrupt_check"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"DataConfig.{name} must be >= 0, got {getattr(self, name)} (--data.{name})")
+        if not 0.0 <= self.max_corrupt_fraction < 1.0:
+            raise ValueError(
+                f"DataConfig.max_corrupt_fraction must be in [0, 1), got {self.max_corrupt_fraction} "
+                "(--data.max_corrupt_fraction)"
+            )
+
+
+# ----------------------------------------------------------------------------------------------------
+# The datamodule
+
+
+class ShardedDataModule(LightningDataModule):
+    """WebDataset shards -> batch dicts (see ``datamodules/__init__.py`` for the keys).
+
+    ``required_keys`` are the sample fields without which a sample is skipped as corrupt.
+    ``world_size``/``rank`` may be set on the instance to override what the trainer or
+    torch.distributed report (tests, tools that build streams for another rank).
+    """
+
+    def __init__(
+        self,
+        cfg: DataConfig,
+        train_transform: Callable[[dict], dict],
+        val_transform: Callable[[dict], dict],
+        seed: int = 0,
+        mean: Sequence[float] = IMAGENET_MEAN,
+        std: Sequence[float] = IMAGENET_STD,
+        required_keys: Sequence[str] = ("jpg",),
+    ):
+        super().__init__()
+        self.cfg = cfg
+        self.train_transform = train_transform
+        self.val_transform = val_transform
+        self.seed = seed
+        self.mean = tuple(mean)
+        self.std = tuple(std)
+        self.required_keys = tuple(required_keys)
+        self.world_size: int | None = None
+        self.rank: int | None = None
+        self.batches_per_epoch: int | None = None
+        self.train_stream: ResampledShardStream | None = None
+        self.val_stream: FiniteShardStream | None = None
+        self._epoch = 0
+
+    # -- where are we --------------------------------------------------------------------------------
+    def _world_and_rank(self) -> tuple[int, int]:
+        if self.world_size is not None:
+            return self.world_size, self.rank or 0
+        if self.trainer is not None:
+            return self.trainer.world_size, self.trainer.global_rank
+        if dist.is_available() and dist.is_initialized():
+            return dist.get_world_size(), dist.get_rank()
+        return 1, 0
+
+    # -- setup: every check that can fail does so here, before training --------------------------------
+    def setup(self, stage: str | None = None) -> None:
+        world, rank = self._world_and_rank()
+        common = dict(
+            seed=self.seed, rank=rank, world_size=world, required_keys=self.required_keys,
+            max_corrupt_fraction=self.cfg.max_corrupt_fraction,
+            min_samples_for_corrupt_check=self.cfg.min_samples_for_corrupt_check,
+        )
+        if stage in (None, "fit"):
+            shards = self._expand("train_shards", required=True)
+            self.batches_per_epoch = self._batches_per_epoch(shards, world)
+            readers = world * max(1, self.cfg.num_workers)
+            if len(shards) < readers:
+                rank_zero_warn(
+                    f"{len(shards)} training shard(s) for {world} rank(s) x {max(1, self.cfg.num_workers)} "
+                    f"worker(s): every reader samples from all shards (with its own seed), so ranks may see the "
+                    f"same samples within an epoch. Write at least {readers} shards to give each its own."
+                )
+            self.train_stream = ResampledShardStream(
+                shards, self.train_transform, self.cfg.batch_size, self.batches_per_epoch,
+                shuffle_buffer=self.cfg.shuffle_buffer, **common,
+            )
+            self.train_stream.set_epoch(self._epoch)
+            rank_zero_info(
+                f"Train data: {len(shards)} shard(s), {self.batches_per_epoch} batches of {self.cfg.batch_size} "
+                f"per rank per epoch, {world} rank(s)"
+            )
+        if stage in (None, "fit", "validate") and self.cfg.val_shards is not None:
+            shards = self._expand("val_shards", required=False)
+            check_finite_shards(len(shards), world, self.cfg.num_workers, "val_shards")
+            self.val_stream = FiniteShardStream(shards, self.val_transform, self.cfg.batch_size, **common)
+
+    def _expand(self, name: str, required: bool) -> list[str]:
+        spec = getattr(self.cfg, name)
+        if spec is None and required:
+            raise ValueError(
+                f"DataConfig.{name} is None at setup(): pass --data.{name} (a shard spec), or let the recipe "
+                "fill it in with the synthetic world's shards before the Trainer starts"
+            )
+        return expand_shards(spec)
+
+    def _batches_per_epoch(self, shards: list[str], world: int) -> int:
+        if self.cfg.batches_per_epoch is not None:
+            return self.cfg.batches_per_epoch
+        from .shard_writer import read_index  # lazy: the writer pulls in tools the reader never needs
+
+        num_samples = read_index(shards)
+        per_step = self.cfg.batch_size * world
+        if num_samples is None:
+            raise ValueError(
+                f"--data.batches_per_epoch is not set and the shard index is missing for {shards[0]} "
+                f"(and {len(shards) - 1} more): expected a '{{prefix}}-index.json' next to the shards "
+                "(datamodules.shard_writer writes one). Set --data.batches_per_epoch to the number of batches "
+                "per rank per epoch, e.g. num_samples // (batch_size x world size)."
+            )
+        if num_samples < per_step:
+            raise ValueError(
+                f"The shard index counts {num_samples} samples, fewer than one step of batch_size "
+                f"{self.cfg.batch_size} x {world} rank(s) = {per_step}. Lower --data.batch_size or set "
+                "--data.batches_per_epoch explicitly."
+            )
+        return num_samples // per_step
+
+    # -- loaders -------------------------------------------------------------------------------------
+    def train_dataloader(self) -> ShardLoader:
+        if self.train_stream is None:
+            raise RuntimeError("ShardedDataModule.train_dataloader() before setup('fit')")
+        return ShardLoader(self.train_stream, self.cfg.num_workers, length=self.batches_per_epoch)
+
+    def val_dataloader(self) -> ShardLoader | list:
+        if self.val_stream is None:
+            return []  # no validation shards: Lightning skips validation
+        cap = self.cfg.val_batches
+        return ShardLoader(self.val_stream, self.cfg.num_workers, length=cap, max_batches=cap)
+
+    # -- device side ---------------------------------------------------------------------------------
+    def on_after_batch_transfer(self, batch, dataloader_idx: int):
+        if isinstance(batch, dict):
+            for key in ("image", "frames"):
+                value = batch.get(key)
+                if isinstance(value, torch.Tensor) and value.dtype == torch.uint8:
+                    batch[key] = normalize_on_device(value, self.mean, self.std)
+        return batch
+
+    # -- checkpoint ----------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        # Where the stream stands, coarsely: the epoch whose stream a resumed run must replay. Lightning
+        # counts an epoch as "processed" once its batches are done, before the epoch-end checkpoint is
+        # written, and it passes that same counter to set_epoch; so processed names the epoch that a
+        # resumed run trains next (k+1 after an epoch-end checkpoint, k for one saved during epoch k).
+        # A mid-epoch resume restarts epoch k's stream from its start ("statistically equivalent restart",
+        # wds#271); an exact resume would also store the batches consumed in this epoch and skip them.
+        if self.trainer is not None and self.trainer.training:
+            epoch = self.trainer.fit_loop.epoch_progress.current.processed
+        elif self.train_stream is not None:
+            epoch = self.train_stream.epoch
+        else:
+            epoch = self._epoch
+        return {"epoch": epoch, "seed": self.seed}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        if state_dict.get("seed", self.seed) != self.seed:
+            rank_zero_warn(
+                f"Resuming a data stream seeded with {state_dict['seed']}; this run was given seed {self.seed}. "
+                "Using the checkpoint's seed so the stream continues where it was."
+            )
+            self.seed = state_dict["seed"]
+            for stream in (self.train_stream, self.val_stream):
+                if stream is not None:
+                    stream.seed = self.seed
+        self._epoch = int(state_dict.get("epoch", 0))
+        if self.train_stream is not None:
+            self.train_stream.set_epoch(self._epoch)

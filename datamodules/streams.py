@@ -1,0 +1,427 @@
+"""Shard streams: reading WebDataset shards with error accounting, and the loader Lightning iterates.
+
+Training (``ResampledShardStream``): every (rank, worker) draws shards with replacement from its own
+partition and yields a fixed share of ``batches_per_epoch``, so every rank yields exactly the same number
+of batches and DDP never waits on a rank that ran dry (PL#20404, wds#250). All randomness (shard choice,
+shuffle buffer, crop) is seeded from (seed, epoch, rank, worker): a rerun reproduces the stream, a new
+epoch reorders it.
+
+Validation (``FiniteShardStream``): each shard is read once, split by rank then by worker; the last batch
+may be partial.
+
+Lightning calls ``set_epoch`` only on ``dataloader.sampler``; ``ShardLoader`` is its own sampler so the
+epoch reaches the stream, and non-persistent workers pick it up at the next ``iter()``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import itertools
+import logging
+import multiprocessing
+import random
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from urllib.parse import urlparse
+
+import torch
+import webdataset as wds
+from PIL import Image
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from webdataset.tariterators import group_by_keys, tar_file_expander
+
+log = logging.getLogger(__name__)
+
+
+class CorruptDataError(RuntimeError):
+    """Too many unreadable samples in a shard: the data, not the code, needs fixing."""
+
+
+# ----------------------------------------------------------------------------------------------------
+# Small helpers
+
+
+def derive_seed(*parts: object) -> int:
+    """A 63-bit seed from any tuple of ints/strings, stable across processes and Python runs
+    (unlike ``hash()``, which is salted per process)."""
+    digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+def worker_share(total: int, worker: int, num_workers: int) -> int:
+    """Worker ``worker``'s part of ``total`` items; the parts of all workers sum to ``total``."""
+    return total // num_workers + (1 if worker < total % num_workers else 0)
+
+
+def _worker() -> tuple[int, int]:
+    info = get_worker_info()
+    return (0, 1) if info is None else (info.id, info.num_workers)
+
+
+class _TorchRngScope:
+    """Run code under a private torch CPU RNG state and leave the global one as it was.
+
+    torchvision transforms draw from the global torch generator; scoping it keeps the crops a function
+    of (seed, epoch, rank, worker) and, with num_workers=0, keeps data loading from perturbing the
+    training process's random stream (dropout, masking).
+    """
+
+    def __init__(self, seed: int):
+        self._state = torch.Generator().manual_seed(seed).get_state()
+        self._outer: torch.Tensor | None = None
+
+    def __enter__(self) -> None:
+        self._outer = torch.get_rng_state()
+        torch.set_rng_state(self._state)
+
+    def __exit__(self, *exc: object) -> None:
+        self._state = torch.get_rng_state()
+        torch.set_rng_state(self._outer)
+
+
+def collate(samples: list[dict]) -> dict:
+    """List of transformed samples -> batch dict: tensors stacked, ints -> int64, floats -> float32,
+    anything else kept as a list. ``__key__`` becomes ``key``; other ``__*__`` fields are dropped."""
+    keys = list(samples[0])
+    for sample in samples[1:]:
+        if list(sample) != keys:
+            raise ValueError(
+                f"Cannot batch samples with different fields: {keys} vs {list(sample)} "
+                f"(keys {samples[0].get('key')!r} and {sample.get('key')!r}); the transform must return "
+                "the same fields for every sample"
+            )
+    batch: dict = {}
+    for k in keys:
+        if k.startswith("__") and k != "__key__":
+            continue
+        values = [s[k] for s in samples]
+        first = values[0]
+        if isinstance(first, torch.Tensor):
+            value = torch.stack(values)
+        elif isinstance(first, bool):
+            value = torch.tensor(values, dtype=torch.bool)
+        elif isinstance(first, int):
+            value = torch.tensor(values, dtype=torch.int64)
+        elif isinstance(first, float):
+            value = torch.tensor(values, dtype=torch.float32)
+        else:
+            value = values
+        batch["key" if k == "__key__" else k] = value
+    return batch
+
+
+_IMAGE_EXTENSIONS = {"jpg", "jpeg", "png", "webp", "ppm", "bmp"}
+
+
+def _image_handler(key: str, data: bytes):
+    """wds decoder handler: images -> loaded PIL RGB; ``mask.png`` keeps its mode (it holds ids, not colours)."""
+    extension = key.rsplit(".", 1)[-1].lower()
+    if extension not in _IMAGE_EXTENSIONS:
+        return None
+    with io.BytesIO(data) as stream:
+        image = Image.open(stream)
+        image.load()  # decode now, inside the try that counts corrupt samples
+    return image if key.lower().endswith("mask.png") else image.convert("RGB")
+
+
+def _open_shard(url: str):
+    scheme = urlparse(url).scheme.lower()
+    if url.startswith("pipe:") or scheme in ("", "file", "http", "https") or len(scheme) == 1:
+        return wds.gopen(url, "rb")
+    import fsspec  # s3://, gs://, ...: whatever fsspec backend is installed
+
+    return fsspec.open(url, "rb").open()
+
+
+# ----------------------------------------------------------------------------------------------------
+# Reading shards with error accounting
+
+
+@dataclass
+class ShardStats:
+    seen: int = 0
+    """Samples (and unreadable tar entries) read from this shard."""
+    corrupt: int = 0
+    """Of those, skipped as corrupt."""
+    last_error: str = ""
+    """The latest corrupt sample's key and error, for the message that stops the run."""
+
+
+@dataclass
+class ShardReader:
+    """tar -> decoded samples for one worker, skipping and counting corrupt samples per shard."""
+
+    required_keys: Sequence[str]
+    max_corrupt_fraction: float
+    min_samples_for_corrupt_check: int
+    stats: dict[str, ShardStats] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self._decoder = wds.autodecode.Decoder([_image_handler])
+        self._current_url = "<no shard opened yet>"
+        self._opens_without_sample = 0
+
+    # -- shard sources -------------------------------------------------------------------------------
+    def resampled_urls(self, shards: Sequence[str], rng: random.Random) -> Iterator[dict]:
+        # A shard list whose every member is empty or unreadable would otherwise loop forever.
+        limit = 10 * len(shards) + 50
+        while True:
+            self._opens_without_sample += 1
+            if self._opens_without_sample > limit:
+                raise CorruptDataError(
+                    f"{limit} shard reads in a row produced no samples; the shards of this worker are empty "
+                    f"or unreadable (e.g. {shards[:3]}). Check them with `tar tf <shard>`."
+                )
+            yield {"url": rng.choice(shards)}
+
+    @staticmethod
+    def finite_urls(shards: Sequence[str]) -> Iterator[dict]:
+        for url in shards:
+            yield {"url": url}
+
+    # -- tar -> raw samples --------------------------------------------------------------------------
+    def _open_streams(self, src: Iterator[dict]) -> Iterator[dict]:
+        for item in src:
+            url = item["url"]
+            self._current_url = url
+            try:
+                stream = _open_shard(url)
+            except Exception as exc:  # noqa: BLE001 - counted, and fatal past the threshold
+                self._on_tar_error(exc)
+                continue
+            try:
+                yield {"url": url, "stream": stream}
+            finally:
+                stream.close()
+
+    def tar_samples(self, src: Iterator[dict]) -> Iterator[dict]:
+        files = tar_file_expander(self._open_streams(src), handler=self._on_tar_error)
+        for sample in group_by_keys(files, handler=self._on_tar_error):
+            self._opens_without_sample = 0
+            yield sample
+
+    def _on_tar_error(self, exc: Exception) -> bool:
+        # Exceptions from tar reading carry no reliable shard name; tar files are read one at a time,
+        # so the error belongs to the shard opened last.
+        self._record(self._current_url, "?", f"{type(exc).__name__}: {exc}", exc)
+        return True  # skip and go on
+
+    # -- raw -> decoded samples ----------------------------------------------------------------------
+    def decode(self, samples: Iterator[dict]) -> Iterator[dict]:
+        for sample in samples:
+            url = sample.get("__url__", self._current_url)
+            key = sample.get("__key__", "?")
+            self._stats(url).seen += 1
+            missing = [k for k in self.required_keys if k not in sample]
+            if missing:
+                present = sorted(k for k in sample if not k.startswith("__"))
+                self._record(url, key, f"missing field(s) {missing}; the sample has {present}", count_seen=False)
+                continue
+            try:
+                decoded = self._decoder(sample)
+            except Exception as exc:  # noqa: BLE001 - bad image bytes, bad json, ...
+                cause = exc.__cause__ or exc  # wds wraps decoder errors in DecodingError
+                where = f"field {exc.k!r}: " if getattr(exc, "k", None) else ""
+                self._record(url, key, f"{where}{type(cause).__name__}: {cause}", exc, count_seen=False)
+                continue
+            yield decoded
+
+    # -- accounting ----------------------------------------------------------------------------------
+    def _stats(self, url: str) -> ShardStats:
+        if url not in self.stats:
+            self.stats[url] = ShardStats()
+        return self.stats[url]
+
+    def _record(self, url: str, key: str, message: str, exc: Exception | None = None,
+                count_seen: bool = True) -> None:
+        stats = self._stats(url)
+        stats.seen += int(count_seen)
+        stats.corrupt += 1
+        stats.last_error = f"sample {key!r}: {message}"
+        if _is_power_of_ten(stats.corrupt):  # 1, 10, 100, ...: one line per shard, rate-limited
+            log.warning(
+                "Skipped %d corrupt sample(s) of %d read from shard %s (latest: %s)",
+                stats.corrupt, stats.seen, url, stats.last_error,
+            )
+        too_many = stats.corrupt > self.max_corrupt_fraction * stats.seen
+        if stats.seen >= self.min_samples_for_corrupt_check and too_many:
+            raise CorruptDataError(
+                f"Shard {url}: {stats.corrupt} of {stats.seen} samples read are corrupt "
+                f"({stats.corrupt / stats.seen:.1%} > max_corrupt_fraction {self.max_corrupt_fraction:.1%}). "
+                f"Last error: {stats.last_error}. To fix: re-write this shard or remove it from the shard spec; "
+                "if losing these samples is acceptable, raise --data.max_corrupt_fraction."
+            ) from exc
+
+
+def _is_power_of_ten(n: int) -> bool:
+    while n >= 10 and n % 10 == 0:
+        n //= 10
+    return n == 1
+
+
+# ----------------------------------------------------------------------------------------------------
+# The streams
+
+
+class _ShardStream(IterableDataset):
+    def __init__(
+        self,
+        shards: Sequence[str],
+        transform: Callable[[dict], dict],
+        batch_size: int,
+        *,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        required_keys: Sequence[str] = ("jpg",),
+        max_corrupt_fraction: float = 0.01,
+        min_samples_for_corrupt_check: int = 100,
+    ):
+        super().__init__()
+        if not shards:
+            raise ValueError("A shard stream needs at least one shard")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is outside world size {world_size}")
+        self.shards = list(shards)
+        self.transform = transform
+        self.batch_size = batch_size
+        self.seed = seed
+        self.rank = rank
+        self.world_size = world_size
+        self.required_keys = tuple(required_keys)
+        self.max_corrupt_fraction = max_corrupt_fraction
+        self.min_samples_for_corrupt_check = min_samples_for_corrupt_check
+        self.epoch = 0
+        self.reader: ShardReader | None = None  # of the last iteration in this process (tests, num_workers=0)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _new_reader(self) -> ShardReader:
+        self.reader = ShardReader(self.required_keys, self.max_corrupt_fraction, self.min_samples_for_corrupt_check)
+        return self.reader
+
+    def _scoped_transform(self, seed: int) -> Callable[[dict], dict]:
+        scope = _TorchRngScope(seed)
+
+        def apply(sample: dict) -> dict:
+            with scope:
+                return self.transform(sample)
+
+        return apply
+
+
+class ResampledShardStream(_ShardStream):
+    """Infinite-source training stream cut into epochs of exactly ``batches_per_epoch`` batches per rank."""
+
+    def __init__(self, shards: Sequence[str], transform: Callable[[dict], dict], batch_size: int,
+                 batches_per_epoch: int, *, shuffle_buffer: int = 1000, **kwargs):
+        super().__init__(shards, transform, batch_size, **kwargs)
+        self.batches_per_epoch = batches_per_epoch
+        self.shuffle_buffer = shuffle_buffer
+
+    def partition(self, worker: int, num_workers: int) -> list[str]:
+        """The shards this (rank, worker) draws from: a disjoint slice when there are enough shards
+        (so ranks see different samples), else all of them (each reader with its own seed)."""
+        if len(self.shards) < self.world_size * num_workers:
+            return self.shards
+        return self.shards[self.rank :: self.world_size][worker::num_workers]
+
+    def __iter__(self) -> Iterator[dict]:
+        worker, num_workers = _worker()
+        quota = worker_share(self.batches_per_epoch, worker, num_workers)
+        if quota == 0:
+            return iter(())
+        where = (self.seed, self.epoch, self.rank, worker)
+        reader = self._new_reader()
+        shard_rng = random.Random(derive_seed("shards", *where))
+        partition = self.partition(worker, num_workers)
+        shuffle = None
+        if self.shuffle_buffer > 1:
+            sample_rng = random.Random(derive_seed("samples", *where))
+            shuffle = wds.shuffle(self.shuffle_buffer, initial=min(100, self.shuffle_buffer), rng=sample_rng)
+        pipeline = wds.DataPipeline(
+            lambda: reader.resampled_urls(partition, shard_rng),
+            reader.tar_samples,
+            shuffle,
+            reader.decode,
+            wds.map(self._scoped_transform(derive_seed("transform", *where))),
+            wds.batched(self.batch_size, collation_fn=collate, partial=False),
+        )
+        return itertools.islice(iter(pipeline), quota)
+
+
+class FiniteShardStream(_ShardStream):
+    """Validation stream: every shard of this rank read once, split across workers, in order."""
+
+    def __iter__(self) -> Iterator[dict]:
+        worker, num_workers = _worker()
+        mine = self.shards[self.rank :: self.world_size][worker::num_workers]
+        if not mine:
+            return iter(())
+        reader = self._new_reader()
+        pipeline = wds.DataPipeline(
+            lambda: reader.finite_urls(mine),
+            reader.tar_samples,
+            reader.decode,
+            wds.map(self._scoped_transform(derive_seed("eval", self.seed, self.rank, worker))),
+            wds.batched(self.batch_size, collation_fn=collate, partial=True),
+        )
+        return iter(pipeline)
+
+
+def _worker_context():
+    context = multiprocessing.get_context("forkserver")
+    # The server imports the stream and transform code (torch, torchvision, PIL) once; each worker
+    # forked from it starts warm instead of paying those imports at every epoch.
+    context.set_forkserver_preload([__name__, "datamodules.transforms"])
+    return context
+
+
+class ShardLoader:
+    """A DataLoader over a shard stream with the length and ``set_epoch`` Lightning looks for.
+
+    Not a DataLoader subclass on purpose: Lightning leaves it alone (no sampler injection) and uses its
+    ``__len__``. ``length=None`` means unknown: ``len()`` raises TypeError, which Lightning reads as
+    "iterate until exhausted". ``max_batches`` caps the number of batches taken per ``iter()``.
+    """
+
+    # Batches come pre-made from the stream. Lightning reads this to decide whether a loader shuffles;
+    # DeepSpeed reads `.batch_size` from it, so pass `logging_batch_size_per_gpu` there (PL#19460).
+    batch_sampler = None
+
+    def __init__(self, stream: _ShardStream, num_workers: int, length: int | None = None,
+                 max_batches: int | None = None):
+        self.stream = stream
+        self.length = length
+        self.max_batches = max_batches
+        # persistent_workers=False: workers are restarted at every iter() and so see the new epoch.
+        # Workers start from a forkserver, not by fork(): under DDP the training process runs gloo/NCCL
+        # threads, and a child forked while one of them holds a lock can deadlock before its first batch.
+        self.loader = DataLoader(
+            stream,
+            batch_size=None,
+            num_workers=num_workers,
+            pin_memory=torch.cuda.is_available(),
+            persistent_workers=False,
+            multiprocessing_context=_worker_context() if num_workers > 0 else None,
+        )
+
+    @property
+    def sampler(self) -> ShardLoader:
+        # Lightning's fit loop calls set_epoch on `dataloader.sampler` only
+        # (lightning/fabric/utilities/data.py::_set_sampler_epoch).
+        return self
+
+    def set_epoch(self, epoch: int) -> None:
+        self.stream.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        if self.length is None:
+            raise TypeError("this ShardLoader's length is unknown (a finite stream without an index)")
+        return self.length
+
+    def __iter__(self) -> Iterator[dict]:
+        batches = iter(self.loader)
+        return batches if self.max_batches is None else itertools.islice(batches, self.max_batches)

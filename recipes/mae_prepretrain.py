@@ -1,0 +1,117 @@
+"""MAE pre-pretraining (He et al. 2022; the first stage of MAWS, Singh et al. 2023).
+
+    python -m recipes.mae_prepretrain                       # tiny MAE on the built-in synthetic world, minutes on a CPU
+    python -m recipes.mae_prepretrain --help                # every setting, with its meaning
+    python -m recipes.mae_prepretrain --config recipes/configs/mae_vit_large_in1k.yaml \
+        --data.train_shards '/data/in1k/train-{000000..001023}.tar'
+
+Rerunning with the same --run_dir resumes from its newest complete checkpoint and continues the
+same W&B run. The encoder is exported to <run_dir>/export/encoder.safetensors with timm keys.
+"""
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import lightning as L
+import torch
+from lightning.fabric.utilities.throughput import get_available_flops
+from lightning.pytorch.utilities import rank_zero_info
+
+import models
+from datamodules import IMAGENET_MEAN, IMAGENET_STD
+from datamodules.sharded import DataConfig, ShardedDataModule
+from datamodules.shards import expand_shards
+from datamodules.synthetic import ensure_synthetic_world
+from datamodules.transforms import eval_transform, mae_train_transform
+from recipes.cli import parse_config, save_config
+from trainers.build import LoggingConfig, TrainerConfig, build_trainer, uses_gpu
+from trainers.callbacks import ImagePanelLogger, ThroughputLogger
+from trainers.checkpoint import find_resume_checkpoint
+from trainers.export import export_vit_encoder
+from trainers.mae import MAEModelConfig, MAEPretraining
+from trainers.optim import OptimConfig, effective_batch, resolve_lr
+
+
+@dataclass
+class Config:
+    run_dir: str = "runs/mae_prepretrain"
+    """Run directory: config, checkpoints, W&B run and exported weights. Reusing it resumes."""
+    seed: int = 0
+    """Seed of weights, masks and data order."""
+    model: MAEModelConfig = field(default_factory=MAEModelConfig)
+    """The MAE model."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """Shards, batch and loader."""
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    """AdamW and the warmup + cosine schedule."""
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    """Devices, strategy, precision, steps and checkpoint cadence."""
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    """W&B and image logging."""
+
+
+def main(cfg: Config, config_yaml: str = "") -> dict[str, Path | None]:
+    run_dir = Path(cfg.run_dir).resolve()
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+
+    # Model name and overrides are checked on the meta device: a typo fails before any data or compute.
+    model_kwargs = {"name": cfg.model.name, "img_size": cfg.data.image_size, "mask_ratio": cfg.model.mask_ratio,
+                    "norm_pix_loss": cfg.model.norm_pix_loss, "drop_path_rate": cfg.model.drop_path_rate}
+    with torch.device("meta"):
+        flops_per_sample = 3 * models.create(**model_kwargs).complexity().flops  # forward + backward
+
+    if cfg.data.train_shards is None:  # the built-in synthetic world, built once and cached
+        world = ensure_synthetic_world()
+        cfg.data.train_shards = world.train_shards
+        cfg.data.val_shards = cfg.data.val_shards or world.val_shards
+    for spec in (cfg.data.train_shards, cfg.data.val_shards):
+        if spec:
+            expand_shards(spec)  # fails here, with the spec named, if nothing matches
+    datamodule = ShardedDataModule(cfg.data, mae_train_transform(cfg.data.image_size),
+                                   eval_transform(cfg.data.image_size), seed=cfg.seed,
+                                   mean=IMAGENET_MEAN, std=IMAGENET_STD)
+
+    peak = get_available_flops(torch.device("cuda"), torch.bfloat16) if uses_gpu(cfg.trainer) else None
+    panels = ImagePanelLogger(run_dir / "images", cfg.logging.image_every_n_steps, IMAGENET_MEAN, IMAGENET_STD)
+    throughput = ThroughputLogger(cfg.data.batch_size, cfg.trainer.log_every_n_steps, flops_per_sample, peak)
+    trainer = build_trainer(cfg.trainer, cfg.logging, run_dir, callbacks=[panels, throughput])
+
+    eff_batch = effective_batch(cfg.data.batch_size, cfg.trainer.accumulate_grad_batches, trainer.world_size)
+    lr = resolve_lr(cfg.optim, eff_batch)
+    module = MAEPretraining(model_kwargs, asdict(cfg.optim), lr, cfg.trainer.max_steps)
+    rank_zero_info(
+        f"MAE {cfg.model.name} @ {cfg.data.image_size}px, mask {cfg.model.mask_ratio}: "
+        f"{sum(p.numel() for p in module.parameters()) / 1e6:.1f}M params, "
+        f"{flops_per_sample / 1e9:.2f} GFLOPs/image per training step\n"
+        f"effective batch {eff_batch} = {cfg.data.batch_size} per device x "
+        f"{cfg.trainer.accumulate_grad_batches} accumulation x {trainer.world_size} devices\n"
+        f"lr {lr:.3e} = blr {cfg.optim.blr:.3e} x {eff_batch} / 256"
+        + (f" (overridden by optim.lr)" if cfg.optim.lr is not None else "")
+        + f"; {cfg.optim.warmup_steps} warmup steps of {cfg.trainer.max_steps}, precision {trainer.precision}"
+    )
+
+    resume = find_resume_checkpoint(run_dir)
+    if trainer.is_global_zero:
+        save_config(config_yaml, run_dir)
+        rank_zero_info(f"Resuming from {resume}" if resume else f"Starting a new run in {run_dir}")
+    trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume) if resume else None)
+
+    if not trainer.is_global_zero:
+        return {}
+    outputs = {
+        "run_dir": run_dir,
+        "checkpoint": find_resume_checkpoint(run_dir),
+        "encoder": export_vit_encoder(module.model.encoder, run_dir / "export" / "encoder.safetensors",
+                                      step=trainer.global_step, source=cfg.model.name),
+        "wandb": Path(trainer.loggers[0].experiment.dir).parent,
+        "images": panels.last_path,
+    }
+    print(f"\nDone at step {trainer.global_step}.")
+    for name, path in outputs.items():
+        print(f"  {name:<10} {path}")
+    print(f"  upload the W&B run with: wandb sync {outputs['wandb']}")
+    return outputs
+
+
+if __name__ == "__main__":
+    main(*parse_config(Config, description=__doc__))

@@ -1,0 +1,1 @@
+"""Launching recipes on SLURM clusters (sbatch templates and the submit helper)."""

@@ -1,0 +1,24 @@
+import os
+
+import pytest
+
+
+@pytest.fixture(autouse=True)
+def _clean_cluster_env(monkeypatch):
+    """Tests must not inherit a SLURM allocation or talk to the W&B servers."""
+    for name in list(os.environ):
+        if name.startswith("SLURM_"):
+            monkeypatch.delenv(name)
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+
+
+def pytest_collection_modifyitems(config, items):
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip_gpu)

@@ -1,0 +1,259 @@
+import io
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import webdataset as wds
+from PIL import Image
+
+from datamodules import make_shards as M
+from datamodules.shard_writer import ShardWriter, read_index
+
+
+def jpeg_bytes(colour=(200, 30, 30), size=(40, 32)):
+    buf = io.BytesIO()
+    Image.new("RGB", size, colour).save(buf, "JPEG", quality=95)
+    return buf.getvalue()
+
+
+def noisy_jpeg_bytes():
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(buf, "JPEG")
+    return buf.getvalue()
+
+
+def write(path: Path, data: bytes) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    return path
+
+
+def read_shards(out: Path, prefix="train"):
+    paths = sorted(str(p) for p in out.glob(f"{prefix}-*.tar"))
+    return list(wds.WebDataset(paths, shardshuffle=False, empty_check=False))
+
+
+def index(out: Path, prefix="train"):
+    return json.loads((out / f"{prefix}-index.json").read_text())
+
+
+# -- shard_writer --------------------------------------------------------------------------------------
+def test_writer_splits_by_count_and_writes_the_index(tmp_path):
+    with ShardWriter(str(tmp_path), "train", max_count=10, source="unit test") as w:
+        for i in range(25):
+            w.write({"__key__": f"k{i:03d}", "txt": str(i)})
+        w.skip("broken", 2)
+    assert index(tmp_path) == {"num_samples": 25, "source": "unit test", "skipped": {"broken": 2},
+                               "shards": {"train-000000.tar": 10, "train-000001.tar": 10, "train-000002.tar": 5}}
+    assert sorted(os.listdir(tmp_path)) == ["train-000000.tar", "train-000001.tar", "train-000002.tar",
+                                            "train-index.json"]  # no temporary files left
+    assert [s["txt"] for s in read_shards(tmp_path)] == [str(i).encode() for i in range(25)]
+    paths = [str(tmp_path / f"train-00000{i}.tar") for i in range(3)]
+    assert read_index(paths) == 25 and read_index(paths[1:2]) == 10
+    assert read_index(paths + [str(tmp_path / "train-000003.tar")]) is None  # not in the index
+    assert read_index([str(tmp_path / "val-000000.tar")]) is None  # no index at all
+
+
+def test_writer_splits_by_size(tmp_path):
+    # max_size counts payload bytes (tar headers and padding excluded), and a shard is closed once it holds
+    # >= max_size: 1000-byte samples -> 3000 >= 2500 after 3 samples
+    with ShardWriter(str(tmp_path), "s", max_count=100, max_size=2500) as w:
+        for i in range(5):
+            w.write({"__key__": f"k{i}", "bin": bytes(1000)})
+    assert list(index(tmp_path, "s")["shards"].values()) == [3, 2]
+
+
+def test_writer_crash_leaves_no_complete_looking_files(tmp_path):
+    with pytest.raises(RuntimeError):
+        with ShardWriter(str(tmp_path), "train", max_count=10) as w:
+            for i in range(12):
+                w.write({"__key__": f"k{i}", "txt": "x"})
+            raise RuntimeError("crash")
+    assert os.listdir(tmp_path) == ["train-000000.tar"]  # the finished shard only: no index, no temp file
+
+
+def test_writer_refuses_to_mix_with_an_old_set_unless_overwriting(tmp_path):
+    with ShardWriter(str(tmp_path), "train", max_count=1) as w:
+        for i in range(3):
+            w.write({"__key__": f"k{i}", "txt": "x"})
+    (tmp_path / "trainx-000000.tar").write_bytes(b"")  # another prefix: not ours to delete
+    with pytest.raises(FileExistsError, match="train"):
+        ShardWriter(str(tmp_path), "train")
+    with ShardWriter(str(tmp_path), "train", overwrite=True) as w:
+        w.write({"__key__": "only", "txt": "x"})
+    assert sorted(os.listdir(tmp_path)) == ["train-000000.tar", "train-index.json", "trainx-000000.tar"]
+    assert index(tmp_path)["num_samples"] == 1
+
+
+def test_writer_with_nothing_written(tmp_path):
+    with ShardWriter(str(tmp_path), "train") as w:
+        w.skip("corrupt_image")
+    assert os.listdir(tmp_path) == ["train-index.json"]
+    assert index(tmp_path) == {"num_samples": 0, "shards": {}, "skipped": {"corrupt_image": 1}, "source": ""}
+
+
+# -- masks ---------------------------------------------------------------------------------------------
+def test_rle_strings_hand_encoded():
+    # COCO compressed RLE: chr(48 + 5-bit group), 0x20 = continue, 0x10 = negative, deltas from the 4th run on
+    assert M.rle_counts("1233") == [1, 2, 3, 5]  # 4th: 3 + counts[1] = 5
+    assert M.rle_counts("X1") == [40]  # 'X' = 48 + 40 = 0x20 | 8, '1' = 1 -> 8 + (1 << 5)
+    assert M.rle_counts("153M") == [1, 5, 3, 2]  # 'M' = 48 + 29 -> 29 - 32 = -3, + counts[1] = 2
+    # size (3, 2), runs 0,1,1 | 0,0,0 down the columns
+    assert M.rle_decode({"size": [3, 2], "counts": [1, 2, 3]}).tolist() == [[0, 0], [1, 0], [1, 0]]
+    assert M.rle_decode({"size": [3, 2], "counts": "123"}).tolist() == [[0, 0], [1, 0], [1, 0]]
+
+
+def test_polygon_mask_uses_pixel_centres():
+    # box polygon x 10..30, y 10..20: centres x + 0.5 in [10, 30] -> x = 10..29, y = 10..19
+    m = M.polygon_mask([[10, 10, 30, 10, 30, 20, 10, 20]], 32, 40)
+    expected = np.zeros((32, 40), bool)
+    expected[10:20, 10:30] = True
+    assert np.array_equal(m, expected)
+    # right triangle (0,0)-(16,0)-(0,16): centre inside iff (x + 0.5) + (y + 0.5) < 16, i.e. x + y <= 14
+    t = M.polygon_mask([[0, 0, 16, 0, 0, 16]], 20, 20)
+    y, x = np.mgrid[0:20, 0:20]
+    assert np.array_equal(t, x + y <= 14)
+
+
+# -- converters ------------------------------------------------------------------------------------------
+@pytest.fixture
+def imagefolder(tmp_path):
+    root = tmp_path / "folder"
+    write(root / "cat" / "a.jpg", jpeg_bytes((10, 200, 10)))
+    buf = io.BytesIO()
+    Image.new("RGBA", (20, 10), (0, 0, 255, 255)).save(buf, "PNG")
+    write(root / "cat" / "b.png", buf.getvalue())
+    write(root / "dog" / "sub" / "c.jpg", jpeg_bytes())
+    write(root / "dog" / "truncated.jpg", noisy_jpeg_bytes()[:400])
+    write(root / "dog" / "notes.txt", b"not an image")
+    write(root / "bird" / "garbage.jpg", bytes(np.random.default_rng(1).integers(0, 255, 300, dtype=np.uint8)))
+    write(root / "README.md", b"stray file")
+    return root
+
+
+def test_imagefolder(imagefolder, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert M.main(["--format", "imagefolder", "--input", str(imagefolder), "--output", str(out),
+                   "--max_count", "2"]) == 0
+    assert json.loads((out / "classes.json").read_text()) == {"bird": 0, "cat": 1, "dog": 2}
+    idx = index(out)
+    assert idx["num_samples"] == 3 and idx["shards"] == {"train-000000.tar": 2, "train-000001.tar": 1}
+    assert idx["skipped"] == {"corrupt_image": 1, "not_an_image": 2, "not_in_a_class_folder": 1}
+    samples = read_shards(out)
+    assert [s["__key__"] for s in samples] == ["train-00000000", "train-00000001", "train-00000002"]
+    metas = [json.loads(s["json"]) for s in samples]
+    assert [(m["class_name"], m["label"]) for m in metas] == [("cat", 1), ("cat", 1), ("dog", 2)]
+    assert [int(s["cls"]) for s in samples] == [1, 1, 2]
+    assert samples[0]["jpg"] == (imagefolder / "cat" / "a.jpg").read_bytes()  # JPEG kept as is
+    png = Image.open(io.BytesIO(samples[1]["jpg"]))  # PNG re-encoded
+    assert png.format == "JPEG" and png.mode == "RGB" and png.size == (20, 10)
+    assert np.abs(np.asarray(png).astype(int) - (0, 0, 255)).max() < 10
+    printed = capsys.readouterr().out
+    assert "wrote 3 samples in 2 shard(s)" in printed and "corrupt_image 1" in printed
+    # converting again into the same place must not silently mix two shard sets
+    assert M.main(["--format", "imagefolder", "--input", str(imagefolder), "--output", str(out)]) == 2
+    assert "already holds a shard set" in capsys.readouterr().err
+    assert M.main(["--format", "imagefolder", "--input", str(imagefolder), "--output", str(out), "--overwrite"]) == 0
+    assert index(out)["shards"] == {"train-000000.tar": 3}
+
+
+def test_captions_csv_and_tsv(tmp_path):
+    write(tmp_path / "imgs" / "a.jpg", jpeg_bytes())
+    write(tmp_path / "imgs" / "bad.jpg", noisy_jpeg_bytes()[:300])
+    absolute = write(tmp_path / "elsewhere" / "b.jpg", jpeg_bytes((0, 0, 200)))
+    (tmp_path / "pairs.csv").write_text(
+        'image,caption\nimgs/a.jpg,"a red box, small"\n' f"{absolute},a blue box\n"
+        "imgs/missing.jpg,gone\nimgs/a.jpg,  \nimgs/bad.jpg,broken\n")
+    out = tmp_path / "out"
+    assert M.main(["--format", "captions", "--input", str(tmp_path / "pairs.csv"), "--output", str(out)]) == 0
+    assert [s["txt"] for s in read_shards(out)] == [b"a red box, small", b"a blue box"]
+    assert index(out)["skipped"] == {"corrupt_image": 1, "empty_caption": 1, "missing_file": 1}
+
+    (tmp_path / "pairs.txt").write_text("path\ttext\nimgs/a.jpg\tfirst\nimgs/a.jpg\tsecond\n")  # sniffed
+    assert M.main(["--format", "captions", "--input", str(tmp_path / "pairs.txt"), "--output", str(out),
+                   "--prefix", "val", "--image_column", "path", "--caption_column", "text"]) == 0
+    assert [set(s) - {"__url__", "__local_path__"} for s in read_shards(out, "val")] == [{"__key__", "jpg", "txt"}] * 2
+
+
+def test_coco(tmp_path):
+    images = tmp_path / "images"
+    write(images / "one.jpg", jpeg_bytes(size=(40, 32)))
+    box = [10, 10, 30, 10, 30, 20, 10, 20]
+    crowd = {"size": [32, 40], "counts": [0, 2, 30, 2, 1246]}  # column 0: rows 0-1; column 1: rows 0-1
+    coco = {
+        "images": [{"id": 1, "file_name": "one.jpg", "width": 40, "height": 32},
+                   {"id": 2, "file_name": "missing.jpg", "width": 40, "height": 32}],
+        "annotations": [
+            {"id": 7, "image_id": 1, "category_id": 3, "bbox": [10, 10, 20, 10], "area": 200.0, "iscrowd": 0,
+             "segmentation": [box]},
+            {"id": 8, "image_id": 1, "category_id": 5, "bbox": [0, 0, 2, 2], "area": 4.0, "iscrowd": 1,
+             "segmentation": crowd}],
+        "categories": [{"id": 3, "name": "box"}, {"id": 5, "name": "crowd"}],
+    }
+    (tmp_path / "instances.json").write_text(json.dumps(coco))
+    out = tmp_path / "out"
+    assert M.main(["--format", "coco", "--input", str(tmp_path / "instances.json"), "--images", str(images),
+                   "--output", str(out)]) == 0
+    assert index(out)["skipped"] == {"missing_file": 1}
+    (sample,) = read_shards(out)
+    meta = json.loads(sample["json"])
+    assert [a["segmentation"] for a in meta["annotations"]] == [[box], crowd]  # as given
+    assert [(a["category_id"], a["iscrowd"], a["area"]) for a in meta["annotations"]] == [(3, 0, 200.0), (5, 1, 4.0)]
+    mask = np.asarray(Image.open(io.BytesIO(sample["mask.png"])))
+    expected = np.zeros((32, 40), np.uint8)
+    expected[10:20, 10:30] = 1  # pixel centres inside the box polygon
+    expected[0:2, 0:2] = 2
+    assert np.array_equal(mask, expected)
+    assert json.loads((out / "categories.json").read_text()) == coco["categories"]
+
+
+def test_davis_video(tmp_path):
+    root = tmp_path / "DAVIS"
+    palette_mask = Image.new("P", (40, 32), 0)
+    palette_mask.putpalette([0, 0, 0, 128, 0, 0, 0, 128, 0] + [0] * 759)
+    palette_mask.paste(2, (5, 5, 15, 10))  # object 2 at x 5..14, y 5..9
+    for t in range(3):
+        write(root / "JPEGImages" / "480p" / "bear" / f"{t:05d}.jpg", jpeg_bytes())
+    buf = io.BytesIO()
+    palette_mask.save(buf, "PNG")
+    write(root / "Annotations" / "480p" / "bear" / "00000.png", buf.getvalue())
+    write(root / "Annotations" / "480p" / "bear" / "00002.png", buf.getvalue())
+    write(root / "JPEGImages" / "480p" / "cow" / "00000.jpg", jpeg_bytes())
+    write(root / "JPEGImages" / "480p" / "cow" / "00001.jpg", noisy_jpeg_bytes()[:300])
+    (root / "JPEGImages" / "480p" / "empty").mkdir()
+    out = tmp_path / "out"
+    assert M.main(["--format", "video", "--input", str(root), "--output", str(out)]) == 0
+    assert index(out)["skipped"] == {"corrupt_image": 1, "no_frames": 1}
+    (sample,) = read_shards(out)
+    meta = json.loads(sample["json"])
+    assert meta["name"] == "bear" and meta["num_frames"] == 3 and meta["annotated_frames"] == [0, 2]
+    assert {"000.jpg", "001.jpg", "002.jpg", "000.mask.png", "002.mask.png"} <= set(sample)
+    assert "001.mask.png" not in sample
+    mask = np.asarray(Image.open(io.BytesIO(sample["002.mask.png"])))
+    expected = np.zeros((32, 40), np.uint8)
+    expected[5:10, 5:15] = 2
+    assert np.array_equal(mask, expected)
+
+
+def test_errors_are_clear(tmp_path, capsys):
+    assert M.main(["--format", "imagefolder", "--input", str(tmp_path / "nope"), "--output", str(tmp_path)]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+    write(tmp_path / "only_bad" / "cls" / "x.jpg", b"\xff\xd8 garbage")
+    assert M.main(["--format", "imagefolder", "--input", str(tmp_path / "only_bad"),
+                   "--output", str(tmp_path / "o1")]) == 1
+    assert "nothing could be written" in capsys.readouterr().err
+
+    (tmp_path / "p.csv").write_text("file,text\na.jpg,x\n")
+    assert M.main(["--format", "captions", "--input", str(tmp_path / "p.csv"), "--output", str(tmp_path / "o2")]) == 2
+    err = capsys.readouterr().err
+    assert "'caption'" in err and "'image'" in err and "['file', 'text']" in err
+
+    (tmp_path / "c.json").write_text('{"images": []}')
+    assert M.main(["--format", "coco", "--input", str(tmp_path / "c.json"), "--output", str(tmp_path / "o3")]) == 2
+    assert "--images" in capsys.readouterr().err
+
+    assert M.main(["--format", "video", "--input", str(tmp_path), "--output", str(tmp_path / "o4")]) == 2
+    assert "JPEGImages" in capsys.readouterr().err

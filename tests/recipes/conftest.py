@@ -1,0 +1,34 @@
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="session")
+def prism_cache(tmp_path_factory):
+    """One synthetic world for the session, built by the first recipe that needs it."""
+    return tmp_path_factory.mktemp("prism-cache")
+
+
+@pytest.fixture
+def run_recipe(prism_cache):
+    """Runs ``python -m <module> <args>`` as a user would; returns the completed process."""
+
+    def run(module: str, *args: str, check: bool = True, timeout: int = 300) -> subprocess.CompletedProcess:
+        env = {**os.environ, "PRISM_CACHE": str(prism_cache), "WANDB_MODE": "offline", "PYTHONUNBUFFERED": "1"}
+        env = {k: v for k, v in env.items() if not k.startswith("SLURM_")}
+        try:
+            proc = subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, env=env, capture_output=True,
+                                  text=True, timeout=timeout)
+        except subprocess.TimeoutExpired as err:
+            raise AssertionError(f"{module} {' '.join(args)} ran past {timeout} s\n"
+                                 f"{(err.stdout or b'')[-4000:]}\n{(err.stderr or b'')[-6000:]}") from None
+        if check and proc.returncode != 0:
+            raise AssertionError(f"{module} {' '.join(args)} exited {proc.returncode}\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
+        return proc
+
+    return run

@@ -1,0 +1,81 @@
+"""The recipe command line: the documented interface, config files, and clear errors before compute."""
+
+from pathlib import Path
+
+import pytest
+
+from recipes.cli import parse_config
+from recipes.mae_prepretrain import Config, main
+
+INTERFACE = ["--run_dir", "--seed", "--trainer.max_steps", "--trainer.checkpoint_every_n_steps", "--trainer.devices",
+             "--trainer.num_nodes", "--trainer.strategy", "--trainer.precision", "--data.train_shards",
+             "--data.val_shards", "--data.batch_size", "--data.num_workers", "--model.name", "--optim.blr"]
+CONFIGS = sorted((Path(__file__).resolve().parents[2] / "recipes" / "configs").glob("*.yaml"))
+
+
+def test_help_lists_the_interface_with_docstrings(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        parse_config(Config, ["--help"])
+    assert exit_.value.code == 0
+    text = capsys.readouterr().out
+    for flag in INTERFACE:
+        assert flag in text, flag
+    assert "Base learning rate" in text and "Optimizer steps to train for" in text
+
+
+def test_dotted_overrides_and_print_config(capsys):
+    cfg, yaml_text = parse_config(Config, ["--optim.blr", "3e-4", "--trainer.devices", "2", "--data.batch_size", "4"])
+    assert (cfg.optim.blr, cfg.trainer.devices, cfg.data.batch_size) == (3e-4, 2, 4)
+    assert "blr: 0.0003" in yaml_text
+    with pytest.raises(SystemExit):
+        parse_config(Config, ["--print_config", "--model.mask_ratio", "0.6"])
+    assert "mask_ratio: 0.6" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
+def test_every_shipped_config_parses(path):
+    cfg, _ = parse_config(Config, ["--config", str(path)])
+    assert cfg.model.name.startswith("mae_vit_") and cfg.trainer.max_steps > 1000
+    assert cfg.optim.blr == 1.5e-4 and cfg.data.image_size == 224
+
+
+def test_paper_config_has_the_paper_numbers():
+    cfg, _ = parse_config(Config, ["--config", str(CONFIGS[[p.name for p in CONFIGS].index("mae_vit_large_in1k.yaml")])])
+    eff = cfg.data.batch_size * cfg.trainer.devices * cfg.trainer.num_nodes
+    assert eff == 4096 and cfg.model.name == "mae_vit_large_patch16" and cfg.model.norm_pix_loss
+    assert cfg.trainer.max_steps == 800 * (1281167 // 4096) and cfg.optim.warmup_steps == 40 * (1281167 // 4096)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--trainer.strategy", "dpp"], "Unknown trainer.strategy 'dpp'"),
+    (["--trainer.max_step", "3"], "max_step"),
+    (["--model.mask_ratio", "1.0"], "mask_ratio"),
+])
+def test_bad_flags_exit_with_a_reason(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        parse_config(Config, argv)
+    assert exit_.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_unknown_key_in_a_config_file_is_named(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("trainer:\n  max_stepz: 10\n")
+    with pytest.raises(SystemExit):
+        parse_config(Config, ["--config", str(bad)])
+    assert "max_stepz" in capsys.readouterr().err
+
+
+def test_unknown_model_fails_before_any_data_or_compute(tmp_path):
+    cfg, _ = parse_config(Config, ["--model.name", "mae_vit_bsae_patch16", "--run_dir", str(tmp_path / "r")])
+    with pytest.raises(ValueError, match="mae_vit_base_patch16"):
+        main(cfg)
+    assert not (tmp_path / "r").exists()
+
+
+def test_wrong_shard_path_fails_before_training_naming_the_spec(tmp_path):
+    spec = str(tmp_path / "nowhere" / "train-{000000..000003}.tar")
+    cfg, _ = parse_config(Config, ["--data.train_shards", spec, "--run_dir", str(tmp_path / "r")])
+    with pytest.raises(ValueError, match="nowhere"):
+        main(cfg)
+    assert not (tmp_path / "r" / "checkpoints").exists()

@@ -1,0 +1,46 @@
+import pytest
+
+from trainers.build import LoggingConfig, TrainerConfig, build_trainer, resolve_precision, wandb_run_id
+
+
+def test_unknown_strategy_names_the_valid_ones():
+    with pytest.raises(ValueError, match="Unknown trainer.strategy 'dpp'.*ddp.*deepspeed_stage_2.*fsdp"):
+        TrainerConfig(strategy="dpp")
+
+
+@pytest.mark.parametrize("strategy", ["deepspeed_stage_2", "deepspeed_stage_3", "fsdp"])
+def test_gpu_only_strategies_fail_clearly_on_cpu(tmp_path, strategy):
+    with pytest.raises(ValueError, match="needs CUDA GPUs.*--trainer.strategy ddp"):
+        build_trainer(TrainerConfig(strategy=strategy, accelerator="cpu"), LoggingConfig(), tmp_path)
+
+
+def test_precision_defaults_to_fp32_on_cpu_and_respects_a_choice():
+    assert resolve_precision(TrainerConfig(accelerator="cpu")) == "32-true"
+    assert resolve_precision(TrainerConfig(accelerator="cpu", precision="bf16-mixed")) == "bf16-mixed"
+    with pytest.raises(ValueError, match="precision"):
+        TrainerConfig(precision="fp8")
+
+
+def test_bad_counts_and_devices_are_refused():
+    with pytest.raises(ValueError, match="max_steps"):
+        TrainerConfig(max_steps=0)
+    with pytest.raises(ValueError, match="devices"):
+        TrainerConfig(devices="two")
+
+
+def test_wandb_run_id_is_stable_for_a_run_dir_and_survives_a_move(tmp_path):
+    run = tmp_path / "exp 1"
+    first = wandb_run_id(run)
+    assert first == wandb_run_id(run)
+    assert first.startswith("exp-1-") and all(c.isalnum() or c in "-_" for c in first)
+    assert wandb_run_id(tmp_path / "other") != first
+    run.rename(tmp_path / "moved")
+    assert wandb_run_id(tmp_path / "moved") == first
+
+
+def test_trainer_writes_into_the_run_dir(tmp_path):
+    trainer = build_trainer(TrainerConfig(accelerator="cpu", max_steps=3, checkpoint_every_n_steps=2),
+                            LoggingConfig(), tmp_path)
+    ckpt = trainer.checkpoint_callback
+    assert ckpt.dirpath == str(tmp_path / "checkpoints") and ckpt._every_n_train_steps == 2
+    assert trainer.default_root_dir == str(tmp_path) and trainer.max_steps == 3

@@ -1,0 +1,120 @@
+"""Callbacks shared by every method: checkpoint cadence, throughput, image panels, clean shutdown."""
+
+import time
+from pathlib import Path
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.loggers import WandbLogger
+from torchvision.utils import make_grid, save_image
+
+
+class StepCheckpoint(ModelCheckpoint):
+    """Every-N-steps checkpoints that also save the final step.
+
+    ModelCheckpoint with ``every_n_train_steps`` skips the last steps when ``max_steps`` is not a
+    multiple of N, and a rerun would then repeat them; here the end of training always saves.
+    """
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.global_step > 0 and self._last_global_step_saved != trainer.global_step:
+            candidates = self._monitor_candidates(trainer)
+            self._save_topk_checkpoint(trainer, candidates)
+            self._save_last_checkpoint(trainer, candidates)
+        super().on_train_end(trainer, pl_module)
+
+
+class ThroughputLogger(Callback):
+    """Images/s, step time and (on GPU) MFU, averaged over a window of steps.
+
+    Timing is wall time between windows, so it adds no device synchronisation to the step; over a
+    window the queue of asynchronous work evens out.
+    """
+
+    def __init__(self, batch_size: int, every_n_steps: int, flops_per_sample: float | None = None,
+                 peak_flops: float | None = None):
+        self.batch_size = batch_size
+        self.every_n_steps = max(1, every_n_steps)
+        self.flops_per_sample = flops_per_sample
+        self.peak_flops = peak_flops
+        self._t0: float | None = None
+        self._step0 = 0
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if self._t0 is None:
+            self._t0, self._step0 = time.perf_counter(), trainer.global_step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        steps = trainer.global_step - self._step0
+        if self._t0 is None or steps < self.every_n_steps:
+            return
+        elapsed = time.perf_counter() - self._t0
+        samples = steps * self.batch_size * trainer.accumulate_grad_batches * trainer.world_size
+        metrics = {"perf/images_per_sec": samples / elapsed, "perf/step_time_ms": 1000 * elapsed / steps}
+        if self.flops_per_sample and self.peak_flops:
+            metrics["perf/mfu"] = samples * self.flops_per_sample / elapsed / (self.peak_flops * trainer.world_size)
+        pl_module.log_dict(metrics, rank_zero_only=True)
+        self._t0, self._step0 = time.perf_counter(), trainer.global_step
+
+
+class ImagePanelLogger(Callback):
+    """Every N steps, renders ``pl_module.image_panels(images)`` for a fixed set of images to a PNG
+    in ``<run_dir>/images`` and to W&B.
+
+    The images are the first validation batch (or the first training batch when there is no
+    validation), kept on the CPU so that successive panels show the same inputs.
+    """
+
+    def __init__(self, out_dir: str | Path, every_n_steps: int, mean, std, num_images: int = 8):
+        self.out_dir = Path(out_dir)
+        self.every_n_steps = every_n_steps
+        self.mean = torch.tensor(mean).view(1, 3, 1, 1)
+        self.std = torch.tensor(std).view(1, 3, 1, 1)
+        self.num_images = num_images
+        self.images: torch.Tensor | None = None
+        self.last_path: Path | None = None
+
+    def _keep(self, batch) -> None:
+        if self.images is None and isinstance(batch, dict) and "image" in batch:
+            self.images = batch["image"][: self.num_images].detach().cpu()
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
+        self._keep(batch)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self._keep(batch)
+        if self.every_n_steps > 0 and trainer.global_step % self.every_n_steps == 0:
+            self.render(trainer, pl_module)
+
+    def on_train_end(self, trainer, pl_module):
+        self.render(trainer, pl_module)
+
+    @torch.no_grad()
+    def render(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.images is None or not trainer.is_global_zero:
+            return
+        was_training = pl_module.training
+        pl_module.eval()
+        panels = pl_module.image_panels(self.images.to(pl_module.device))
+        pl_module.train(was_training)
+        rows = [(p.float().cpu() * self.std + self.mean).clamp(0, 1) for p in panels.values()]
+        # one column per image, one row per panel kind
+        grid = make_grid(torch.cat(rows), nrow=len(self.images), padding=1)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.last_path = self.out_dir / f"panels-step{trainer.global_step:06d}.png"
+        save_image(grid, self.last_path)
+        caption = " / ".join(panels)
+        for logger in trainer.loggers:
+            if isinstance(logger, WandbLogger):
+                logger.log_image("images/panels", [grid], step=trainer.global_step, caption=[caption])
+
+
+class DestroyProcessGroup(Callback):
+    """Tear the process group down at the end of fit: an orphaned gloo group aborts the process at
+    exit now and then ("terminate called without an active exception")."""
+
+    def teardown(self, trainer, pl_module, stage):
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.barrier()
+            torch.distributed.destroy_process_group()

@@ -1,0 +1,27 @@
+"""Export of trained weights for the next stage and for other tools (safetensors, timm keys)."""
+
+from dataclasses import asdict
+from pathlib import Path
+
+from models.vit import VisionTransformer, ViTConfig
+from trainers.checkpoint import save_safetensors
+
+
+def timm_kwargs(cfg: ViTConfig) -> dict:
+    """Arguments of ``timm.models.VisionTransformer`` that build the same architecture.
+
+    timm's LayerNorm eps is 1e-6, the same as ours; another eps cannot be expressed as a plain kwarg.
+    """
+    if cfg.ln_eps != 1e-6:
+        raise ValueError(f"timm's VisionTransformer uses LayerNorm eps 1e-6; this encoder uses {cfg.ln_eps}.")
+    return {
+        "img_size": cfg.img_size, "patch_size": cfg.patch_size, "in_chans": cfg.in_chans,
+        "embed_dim": cfg.embed_dim, "depth": cfg.depth, "num_heads": cfg.num_heads, "mlp_ratio": cfg.mlp_ratio,
+        "qkv_bias": cfg.qkv_bias, "num_classes": cfg.num_classes, "global_pool": cfg.global_pool,
+    }
+
+
+def export_vit_encoder(encoder: VisionTransformer, path: str | Path, **metadata) -> Path:
+    """Write a ViT's weights with timm keys; the metadata says how to rebuild it in timm and in Prism."""
+    meta = {"timm_kwargs": timm_kwargs(encoder.cfg), "vit_config": asdict(encoder.cfg), **metadata}
+    return save_safetensors(encoder.state_dict(), path, meta)
