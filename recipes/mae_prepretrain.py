@@ -86,7 +86,7 @@ def main(cfg: Config, config_yaml: str = "") -> dict[str, Path | None]:
         f"effective batch {eff_batch} = {cfg.data.batch_size} per device x "
         f"{cfg.trainer.accumulate_grad_batches} accumulation x {trainer.world_size} devices\n"
         f"lr {lr:.3e} = blr {cfg.optim.blr:.3e} x {eff_batch} / 256"
-        + (f" (overridden by optim.lr)" if cfg.optim.lr is not None else "")
+        + (" (overridden by optim.lr)" if cfg.optim.lr is not None else "")
         + f"; {cfg.optim.warmup_steps} warmup steps of {cfg.trainer.max_steps}, precision {trainer.precision}"
     )
 
@@ -100,7 +100,7 @@ def main(cfg: Config, config_yaml: str = "") -> dict[str, Path | None]:
         return {}
     outputs = {
         "run_dir": run_dir,
-        "checkpoint": find_resume_checkpoint(run_dir),
+        "checkpoint": Path(trainer.checkpoint_callback.last_model_path),
         "encoder": export_vit_encoder(module.model.encoder, run_dir / "export" / "encoder.safetensors",
                                       step=trainer.global_step, source=cfg.model.name),
         "wandb": Path(trainer.loggers[0].experiment.dir).parent,
