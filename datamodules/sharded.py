@@ -198,19 +198,35 @@ class ShardedDataModule(LightningDataModule):
 
     # -- checkpoint ----------------------------------------------------------------------------------
     def state_dict(self) -> dict:
-        # Where the stream stands, coarsely: the epoch whose stream a resumed run must replay. Lightning
-        # counts an epoch as "processed" once its batches are done, before the epoch-end checkpoint is
-        # written, and it passes that same counter to set_epoch; so processed names the epoch that a
-        # resumed run trains next (k+1 after an epoch-end checkpoint, k for one saved during epoch k).
-        # A mid-epoch resume restarts epoch k's stream from its start ("statistically equivalent restart",
-        # wds#271); an exact resume would also store the batches consumed in this epoch and skip them.
+        """Where the training stream stands: the epoch and the batches this rank has trained on in it.
+
+        Every rank trains on the same number of batches, so one count describes all of them; with the
+        layout (world size, workers, batch size) it fixes how many samples each (rank, worker) consumed,
+        and a resume with the same layout continues the stream exactly.
+        """
+        epoch, batches_done = self._epoch, 0
         if self.trainer is not None and self.trainer.training:
-            epoch = self.trainer.fit_loop.epoch_progress.current.processed
+            # Lightning counts an epoch "processed" once its batches are done, before the epoch-end
+            # checkpoint, and passes that counter to set_epoch: it names the epoch a resumed run trains
+            # next. `processed` batches includes the one whose step has just been applied (a save in
+            # on_train_batch_end), which is what a resumed run must not see again.
+            fit_loop = self.trainer.fit_loop
+            epoch = fit_loop.epoch_progress.current.processed
+            if epoch < fit_loop.epoch_progress.current.started:  # inside the epoch, not at its end
+                batches_done = fit_loop.epoch_loop.batch_progress.current.processed
         elif self.train_stream is not None:
             epoch = self.train_stream.epoch
-        else:
-            epoch = self._epoch
-        return {"epoch": epoch, "seed": self.seed}
+        world, _ = self._world_and_rank()
+        return {
+            "epoch": epoch,
+            "seed": self.seed,
+            "batches_done": batches_done,
+            "layout": self._layout(world),
+        }
+
+    def _layout(self, world: int) -> dict:
+        return {"world_size": world, "num_workers": self.cfg.num_workers, "batch_size": self.cfg.batch_size,
+                "batches_per_epoch": self.batches_per_epoch}
 
     def load_state_dict(self, state_dict: dict) -> None:
         if state_dict.get("seed", self.seed) != self.seed:
@@ -223,5 +239,22 @@ class ShardedDataModule(LightningDataModule):
                 if stream is not None:
                     stream.seed = self.seed
         self._epoch = int(state_dict.get("epoch", 0))
-        if self.train_stream is not None:
-            self.train_stream.set_epoch(self._epoch)
+        if self.train_stream is None:
+            return
+        self.train_stream.set_epoch(self._epoch)
+        batches_done = int(state_dict.get("batches_done", 0))
+        saved, now = state_dict.get("layout"), self._layout(self._world_and_rank()[0])
+        if batches_done and saved != now:
+            changed = ", ".join(f"{k} {saved.get(k) if saved else '?'} -> {v}" for k, v in now.items()
+                                if not saved or saved.get(k) != v)
+            rank_zero_warn(
+                f"Resuming epoch {self._epoch} after {batches_done} batches with a different data layout ({changed}): "
+                "the stream cannot continue exactly, so this epoch's stream restarts with the new layout. Training "
+                "stays statistically equivalent (shards are drawn with replacement), but not identical to an "
+                "uninterrupted run."
+            )
+            return
+        self.train_stream.skip_batches = batches_done
+        if batches_done:
+            rank_zero_info(f"Data stream: resuming epoch {self._epoch} after batch {batches_done} "
+                           f"of {self.batches_per_epoch} (exact: the skipped samples are read but not transformed)")

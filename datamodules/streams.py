@@ -63,8 +63,8 @@ class _TorchRngScope:
     """Run code under a private torch CPU RNG state and leave the global one as it was.
 
     torchvision transforms draw from the global torch generator; scoping it keeps the crops a function
-    of (seed, epoch, rank, worker) and, with num_workers=0, keeps data loading from perturbing the
-    training process's random stream (dropout, masking).
+    of where the sample sits in the stream and, with num_workers=0, keeps data loading from perturbing
+    the training process's random stream (dropout, masking).
     """
 
     def __init__(self, seed: int):
@@ -76,7 +76,6 @@ class _TorchRngScope:
         torch.set_rng_state(self._state)
 
     def __exit__(self, *exc: object) -> None:
-        self._state = torch.get_rng_state()
         torch.set_rng_state(self._outer)
 
 
@@ -302,24 +301,37 @@ class _ShardStream(IterableDataset):
         self.reader = ShardReader(self.required_keys, self.max_corrupt_fraction, self.min_samples_for_corrupt_check)
         return self.reader
 
-    def _scoped_transform(self, seed: int) -> Callable[[dict], dict]:
-        scope = _TorchRngScope(seed)
+    def _seeded_transform(self, *where: object) -> Callable[[tuple[int, dict]], dict]:
+        """The transform of the n-th decoded sample, seeded from (where, n): its random crop depends on its
+        place in the stream alone, so a resumed stream can skip samples without transforming them."""
 
-        def apply(sample: dict) -> dict:
-            with scope:
+        def apply(indexed: tuple[int, dict]) -> dict:
+            index, sample = indexed
+            with _TorchRngScope(derive_seed("transform", *where, index)):
                 return self.transform(sample)
 
         return apply
 
 
 class ResampledShardStream(_ShardStream):
-    """Infinite-source training stream cut into epochs of exactly ``batches_per_epoch`` batches per rank."""
+    """Infinite-source training stream cut into epochs of exactly ``batches_per_epoch`` batches per rank.
+
+    ``skip_batches`` resumes an epoch exactly: the first ``skip_batches`` batches this rank would have
+    yielded in this epoch are read and dropped (without their transforms), and the rest come in the
+    order an uninterrupted run would have produced them.
+    """
 
     def __init__(self, shards: Sequence[str], transform: Callable[[dict], dict], batch_size: int,
                  batches_per_epoch: int, *, shuffle_buffer: int = 1000, **kwargs):
         super().__init__(shards, transform, batch_size, **kwargs)
         self.batches_per_epoch = batches_per_epoch
         self.shuffle_buffer = shuffle_buffer
+        self.skip_batches = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        if epoch != self.epoch:
+            self.skip_batches = 0  # a resume's skip belongs to the epoch it was recorded in
+        super().set_epoch(epoch)
 
     def partition(self, worker: int, num_workers: int) -> list[str]:
         """The shards this (rank, worker) draws from: a disjoint slice when there are enough shards
@@ -329,9 +341,15 @@ class ResampledShardStream(_ShardStream):
         return self.shards[self.rank :: self.world_size][worker::num_workers]
 
     def __iter__(self) -> Iterator[dict]:
-        worker, num_workers = _worker()
-        quota = worker_share(self.batches_per_epoch, worker, num_workers)
-        if quota == 0:
+        loader_worker, num_workers = _worker()
+        # The DataLoader takes batch i from worker i % num_workers. After skipping S batches the next one
+        # belongs to worker S % num_workers, but a new DataLoader starts at its worker 0: so loader worker
+        # w plays the stream of worker (w + S) % num_workers, which keeps the uninterrupted order.
+        skip = min(self.skip_batches, self.batches_per_epoch)
+        worker = (loader_worker + skip) % num_workers
+        done = worker_share(skip, worker, num_workers)
+        quota = worker_share(self.batches_per_epoch, worker, num_workers) - done
+        if quota <= 0:
             return iter(())
         where = (self.seed, self.epoch, self.rank, worker)
         reader = self._new_reader()
@@ -346,10 +364,20 @@ class ResampledShardStream(_ShardStream):
             reader.tar_samples,
             shuffle,
             reader.decode,
-            wds.map(self._scoped_transform(derive_seed("transform", *where))),
+            _enumerate_from(done * self.batch_size),
+            wds.map(self._seeded_transform(*where)),
             wds.batched(self.batch_size, collation_fn=collate, partial=False),
         )
         return itertools.islice(iter(pipeline), quota)
+
+
+def _enumerate_from(skip: int) -> Callable[[Iterator[dict]], Iterator[tuple[int, dict]]]:
+    """Pipeline stage: number the decoded samples and drop the first ``skip`` (already trained on)."""
+
+    def stage(samples: Iterator[dict]) -> Iterator[tuple[int, dict]]:
+        return itertools.islice(enumerate(samples), skip, None)
+
+    return stage
 
 
 class FiniteShardStream(_ShardStream):
@@ -365,17 +393,24 @@ class FiniteShardStream(_ShardStream):
             lambda: reader.finite_urls(mine),
             reader.tar_samples,
             reader.decode,
-            wds.map(self._scoped_transform(derive_seed("eval", self.seed, self.rank, worker))),
+            _enumerate_from(0),
+            wds.map(self._seeded_transform("eval", self.seed, self.rank, worker)),
             wds.batched(self.batch_size, collation_fn=collate, partial=True),
         )
         return iter(pipeline)
+
+
+def _worker_init(worker_id: int) -> None:
+    from ._worker_signals import ignore_cluster_signals as ignore  # importing it in the training process would apply it there
+
+    ignore(worker_id)
 
 
 def _worker_context():
     context = multiprocessing.get_context("forkserver")
     # The server imports the stream and transform code (torch, torchvision, PIL) once; each worker
     # forked from it starts warm instead of paying those imports at every epoch.
-    context.set_forkserver_preload([__name__, "datamodules.transforms"])
+    context.set_forkserver_preload([__name__, "datamodules.transforms", "datamodules._worker_signals"])
     return context
 
 
@@ -406,6 +441,11 @@ class ShardLoader:
             pin_memory=torch.cuda.is_available(),
             persistent_workers=False,
             multiprocessing_context=_worker_context() if num_workers > 0 else None,
+            worker_init_fn=_worker_init,
+            # Creating a loader iterator draws a base seed; without a generator of its own it draws from the
+            # global torch RNG and so shifts the training process's random stream (masks, dropout) by
+            # whether a validation ran. Our streams seed themselves, so this seed is never used.
+            generator=torch.Generator().manual_seed(0),
         )
 
     @property
@@ -423,5 +463,13 @@ class ShardLoader:
         return self.length
 
     def __iter__(self) -> Iterator[dict]:
-        batches = iter(self.loader)
+        # Lazy: Lightning calls iter() once just to check that the loader is iterable; workers start (and a
+        # resume's skip is used up) only when the first batch is asked for.
+        batches = self._batches()
         return batches if self.max_batches is None else itertools.islice(batches, self.max_batches)
+
+    def _batches(self) -> Iterator[dict]:
+        batches = iter(self.loader)  # workers have their copy of the stream once this returns
+        if isinstance(self.stream, ResampledShardStream):
+            self.stream.skip_batches = 0  # a resume skips within its first epoch only
+        yield from batches

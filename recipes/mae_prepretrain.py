@@ -24,10 +24,11 @@ from datamodules.shards import expand_shards
 from datamodules.synthetic import ensure_synthetic_world
 from datamodules.transforms import eval_transform, mae_train_transform
 from recipes.cli import parse_config, save_config
-from trainers.build import LoggingConfig, TrainerConfig, build_trainer, uses_gpu
+from trainers.build import STRATEGIES, LoggingConfig, TrainerConfig, build_trainer, fit_outcome, uses_gpu
 from trainers.callbacks import ImagePanelLogger, ThroughputLogger
 from trainers.checkpoint import find_resume_checkpoint
 from trainers.export import export_vit_encoder
+from trainers.handoff import load_into
 from trainers.mae import MAEModelConfig, MAEPretraining
 from trainers.optim import OptimConfig, effective_batch, resolve_lr
 
@@ -38,6 +39,9 @@ class Config:
     """Run directory: config, checkpoints, W&B run and exported weights. Reusing it resumes."""
     seed: int = 0
     """Seed of weights, masks and data order."""
+    init_from: str | None = None
+    """Start a new run from the weights of an earlier MAE run: its run dir, a .ckpt file, a DeepSpeed checkpoint
+    directory or a converted fp32 file (the optimizer starts fresh). Ignored when run_dir already has a checkpoint."""
     model: MAEModelConfig = field(default_factory=MAEModelConfig)
     """The MAE model."""
     data: DataConfig = field(default_factory=DataConfig)
@@ -74,7 +78,8 @@ def main(cfg: Config, config_yaml: str = "") -> dict[str, Path | None]:
     peak = get_available_flops(torch.device("cuda"), torch.bfloat16) if uses_gpu(cfg.trainer) else None
     panels = ImagePanelLogger(run_dir / "images", cfg.logging.image_every_n_steps, IMAGENET_MEAN, IMAGENET_STD)
     throughput = ThroughputLogger(cfg.data.batch_size, cfg.trainer.log_every_n_steps, flops_per_sample, peak)
-    trainer = build_trainer(cfg.trainer, cfg.logging, run_dir, callbacks=[panels, throughput])
+    trainer = build_trainer(cfg.trainer, cfg.logging, run_dir, callbacks=[panels, throughput],
+                            batch_size_per_device=cfg.data.batch_size, seed=cfg.seed)
 
     eff_batch = effective_batch(cfg.data.batch_size, cfg.trainer.accumulate_grad_batches, trainer.world_size)
     lr = resolve_lr(cfg.optim, eff_batch)
@@ -91,22 +96,35 @@ def main(cfg: Config, config_yaml: str = "") -> dict[str, Path | None]:
     )
 
     resume = find_resume_checkpoint(run_dir)
+    if cfg.init_from and resume is None:
+        load_into(module.model, cfg.init_from, prefix="model.")
+        rank_zero_info(f"Initialised the model from {cfg.init_from}")
     if trainer.is_global_zero:
         save_config(config_yaml, run_dir)
         rank_zero_info(f"Resuming from {resume}" if resume else f"Starting a new run in {run_dir}")
     trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume) if resume else None)
 
+    outcome = fit_outcome(trainer)
+    if not outcome.finished:  # preempted or stopped by the guard: nothing to export yet
+        rank_zero_info(outcome.message)
+        if outcome.exit_code:
+            raise SystemExit(outcome.exit_code)
+        return {}
     if not trainer.is_global_zero:
         return {}
+    checkpoint = Path(trainer.checkpoint_callback.last_model_path)
+    encoder = module.model.encoder
+    if STRATEGIES[cfg.trainer.strategy]:  # DeepSpeed/FSDP: live weights are bf16 or shards, the checkpoint is fp32
+        encoder = load_into(models.create(**model_kwargs).encoder, checkpoint, prefix="model.encoder.")
     outputs = {
         "run_dir": run_dir,
-        "checkpoint": Path(trainer.checkpoint_callback.last_model_path),
-        "encoder": export_vit_encoder(module.model.encoder, run_dir / "export" / "encoder.safetensors",
+        "checkpoint": checkpoint,
+        "encoder": export_vit_encoder(encoder, run_dir / "export" / "encoder.safetensors",
                                       step=trainer.global_step, source=cfg.model.name),
         "wandb": Path(trainer.loggers[0].experiment.dir).parent,
         "images": panels.last_path,
     }
-    print(f"\nDone at step {trainer.global_step}.")
+    print(f"\n{outcome.message}")
     for name, path in outputs.items():
         print(f"  {name:<10} {path}")
     print(f"  upload the W&B run with: wandb sync {outputs['wandb']}")

@@ -1,30 +1,34 @@
 """The Trainer factory: strategy, precision, loggers, checkpoints and callbacks from two typed configs."""
 
+import csv
 import hashlib
 import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import LearningRateMonitor
+from lightning.pytorch.callbacks import Callback, LearningRateMonitor
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
+from lightning.pytorch.loggers.csv_logs import ExperimentWriter
+from lightning.pytorch.utilities import rank_zero_info
 
 from trainers.callbacks import DestroyProcessGroup, StepCheckpoint
 from trainers.checkpoint import CHECKPOINT_DIR, AtomicCheckpointIO
+from trainers.cluster import check_allocation, slurm_plugins
+from trainers.guards import NonFiniteLossGuard
+from trainers.preemption import PreemptionHandler
+from trainers.random_state import RandomStateCheckpoint
+from trainers.strategies import DEEPSPEED, build_strategy, describe_strategy
+from trainers.strategies import NAMES as STRATEGY_NAMES
 
-# Strategies by name. DeepSpeed and FSDP need CUDA: Lightning refuses them on the CPU.
-STRATEGIES = {
-    "auto": False,
-    "ddp": False,
-    "ddp_find_unused_parameters_true": False,
-    "deepspeed_stage_1": True,
-    "deepspeed_stage_2": True,
-    "deepspeed_stage_2_offload": True,
-    "deepspeed_stage_3": True,
-    "deepspeed_stage_3_offload": True,
-    "fsdp": True,
-}
+# The shard loaders are resumable mid-epoch through the datamodule's state (datamodules/sharded.py), which
+# Lightning cannot see; its warning that they are not would mislead.
+warnings.filterwarnings("ignore", message=r".*resuming from a checkpoint that ended before the epoch ended")
+
+# Strategies by name (built by trainers/strategies.py). DeepSpeed and FSDP need CUDA: Lightning refuses them on the CPU.
+STRATEGIES = {name: name in DEEPSPEED or name == "fsdp" for name in STRATEGY_NAMES}
 PRECISIONS = ("32-true", "bf16-mixed", "16-mixed", "bf16-true", "64-true")
 
 
@@ -56,6 +60,10 @@ class TrainerConfig:
     """Micro-batches per optimizer step."""
     deterministic: bool = False
     """Use deterministic algorithms (slower; for exact reproduction)."""
+    max_nonfinite_steps: int = 5
+    """Skip a step whose loss is NaN/inf; stop (with a checkpoint) after this many in a row. 0 turns the guard off."""
+    signal_check_every_n_steps: int = 1
+    """Steps between checks (one tiny all-reduce) for SIGUSR1/SIGTERM; the run saves and stops at the next check."""
 
     def __post_init__(self):
         if self.strategy not in STRATEGIES:
@@ -64,7 +72,10 @@ class TrainerConfig:
             )
         if self.precision is not None and self.precision not in PRECISIONS:
             raise ValueError(f"Unknown trainer.precision {self.precision!r}. Choose one of: {', '.join(PRECISIONS)}.")
-        for name in ("max_steps", "num_nodes", "checkpoint_every_n_steps", "accumulate_grad_batches"):
+        if self.max_nonfinite_steps < 0:
+            raise ValueError(f"trainer.max_nonfinite_steps must be >= 0, got {self.max_nonfinite_steps}")
+        for name in ("max_steps", "num_nodes", "checkpoint_every_n_steps", "accumulate_grad_batches",
+                     "signal_check_every_n_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"trainer.{name} must be >= 1, got {getattr(self, name)}")
         if isinstance(self.devices, str) and self.devices != "auto":
@@ -110,8 +121,65 @@ def wandb_run_id(run_dir: Path) -> str:
     return run_id
 
 
-def build_trainer(cfg: TrainerConfig, logging: LoggingConfig, run_dir: str | Path, callbacks=()) -> L.Trainer:
+class _AppendingWriter(ExperimentWriter):
+    """Lightning's CSV writer deletes an existing metrics.csv when it starts; a resumed run appends instead."""
+
+    def _check_log_dir_exists(self) -> None:
+        path = Path(self.metrics_file_path)
+        if path.is_file():  # continue its columns: Lightning's writer rewrites the file when a key is new to it
+            with open(path, newline="") as f:
+                self.metrics_keys = sorted(next(csv.reader(f), []))
+
+    def drop_rows_from(self, step: int) -> None:
+        """Forget rows a killed run logged after its checkpoint: the resumed run logs those steps again."""
+        path = Path(self.metrics_file_path)
+        if not path.is_file():
+            return
+        with open(path, newline="") as f:
+            rows = list(csv.DictReader(f))
+        kept = [row for row in rows if not row.get("step") or int(float(row["step"])) < step]
+        if len(kept) == len(rows):
+            return
+        self.metrics_keys = sorted({key for row in rows for key in row})
+        with open(path, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=self.metrics_keys)
+            writer.writeheader()
+            writer.writerows(kept)
+
+
+class ResumableCSVLogger(CSVLogger):
+    """``<run_dir>/csv/metrics.csv`` over every attempt of a run: appended to, written every step (a kill
+    loses at most one), and cut back to the checkpoint's step when a run resumes."""
+
+    def __init__(self, save_dir: str):
+        super().__init__(save_dir=save_dir, name="", version="csv", flush_logs_every_n_steps=1)
+
+    @property
+    def experiment(self) -> _AppendingWriter:
+        if self._experiment is None:
+            self._fs.makedirs(self.root_dir, exist_ok=True)
+            self._experiment = _AppendingWriter(log_dir=self.log_dir)
+        return self._experiment
+
+
+class _TrimMetricsOnResume(Callback):
+    def on_train_start(self, trainer, pl_module) -> None:
+        if trainer.is_global_zero:
+            for logger in trainer.loggers:
+                if isinstance(logger, ResumableCSVLogger):
+                    # a step's metrics are logged under step - 1: rows from global_step on come after the checkpoint
+                    logger.experiment.drop_rows_from(trainer.global_step)
+
+
+def build_trainer(cfg: TrainerConfig, logging: LoggingConfig, run_dir: str | Path, callbacks=(), *,
+                  batch_size_per_device: int, seed: int = 0) -> L.Trainer:
+    """The Trainer for a run directory, with the fault-tolerance callbacks every run gets: preemption
+    (signals -> checkpoint -> requeue), per-rank random state in checkpoints, the non-finite loss guard.
+
+    ``batch_size_per_device`` is the loader's batch: DeepSpeed needs it and cannot read it from our
+    pre-batched loaders (PL#19460)."""
     run_dir = Path(run_dir)
+    devices = check_allocation(cfg.devices, cfg.num_nodes)  # before anything waits on other ranks
     if STRATEGIES[cfg.strategy] and not uses_gpu(cfg):
         raise ValueError(
             f"trainer.strategy={cfg.strategy!r} needs CUDA GPUs and none is in use here. "
@@ -131,7 +199,7 @@ def build_trainer(cfg: TrainerConfig, logging: LoggingConfig, run_dir: str | Pat
         offline=not logging.online,
         resume="allow",
     )
-    csv_logger = CSVLogger(save_dir=str(run_dir), name="", version="csv")
+    csv_logger = ResumableCSVLogger(save_dir=str(run_dir))
     checkpoints = StepCheckpoint(
         dirpath=run_dir / CHECKPOINT_DIR,
         filename="step-{step:06d}",
@@ -143,13 +211,25 @@ def build_trainer(cfg: TrainerConfig, logging: LoggingConfig, run_dir: str | Pat
         mode="max",
         enable_version_counter=False,
     )
+    fault_tolerance = [RandomStateCheckpoint(seed), PreemptionHandler(run_dir, cfg.signal_check_every_n_steps)]
+    if cfg.max_nonfinite_steps:
+        fault_tolerance.append(NonFiniteLossGuard(run_dir, cfg.max_nonfinite_steps))
+    precision = resolve_precision(cfg)
+    strategy = build_strategy(cfg.strategy, batch_size_per_device=batch_size_per_device, precision=precision,
+                              accumulate_grad_batches=cfg.accumulate_grad_batches,
+                              gradient_clip_val=cfg.gradient_clip_val)
+    rank_zero_info(describe_strategy(cfg.strategy, precision, batch_size_per_device, cfg.accumulate_grad_batches))
+    plugins = slurm_plugins()
+    # DeepSpeed writes checkpoint directories itself and takes no CheckpointIO plugin
+    if not cfg.strategy.startswith("deepspeed"):
+        plugins.append(AtomicCheckpointIO())
     return L.Trainer(
         default_root_dir=str(run_dir),
         accelerator=cfg.accelerator,
-        devices=cfg.devices,
+        devices=devices,
         num_nodes=cfg.num_nodes,
-        strategy=cfg.strategy,
-        precision=resolve_precision(cfg),
+        strategy=strategy,
+        precision=precision,
         max_steps=cfg.max_steps,
         max_epochs=-1,
         val_check_interval=cfg.val_every_n_steps,
@@ -159,8 +239,34 @@ def build_trainer(cfg: TrainerConfig, logging: LoggingConfig, run_dir: str | Pat
         accumulate_grad_batches=cfg.accumulate_grad_batches,
         deterministic=cfg.deterministic,
         logger=[wandb_logger, csv_logger],
-        callbacks=[checkpoints, LearningRateMonitor(logging_interval="step"), DestroyProcessGroup(), *callbacks],
-        # DeepSpeed writes checkpoint directories itself and takes no CheckpointIO plugin
-        plugins=[] if cfg.strategy.startswith("deepspeed") else [AtomicCheckpointIO()],
+        callbacks=[checkpoints, LearningRateMonitor(logging_interval="step"), DestroyProcessGroup(), *callbacks,
+                   _TrimMetricsOnResume(),
+                   *fault_tolerance],
+        plugins=plugins,
         num_sanity_val_steps=1,
     )
+
+
+@dataclass
+class FitOutcome:
+    finished: bool
+    """Training reached max_steps."""
+    message: str
+    exit_code: int
+    """What the process should exit with: 0 when finished or stopped for preemption, 1 when the guard stopped it."""
+
+
+def fit_outcome(trainer: L.Trainer) -> FitOutcome:
+    """Why ``fit`` returned: finished, stopped by a signal (resume later), or stopped by the non-finite guard."""
+    for callback in trainer.callbacks:
+        if isinstance(callback, NonFiniteLossGuard) and callback.stopped is not None:
+            return FitOutcome(False, f"Stopped at step {trainer.global_step}: non-finite loss (see above); the "
+                                     f"state before the first bad step is in {callback.stopped}.", 1)
+        if isinstance(callback, PreemptionHandler) and callback.stopped_at is not None:
+            then = ("the requeued job resumes from it" if callback.requeued
+                    else "rerun the same command (or resubmit the sbatch script) to resume from it")
+            return FitOutcome(False, f"Stopped by a signal at step {callback.stopped_at}: saved {callback.checkpoint}; "
+                                     f"{then}.", 0)
+    if trainer.global_step < (trainer.max_steps or 0):
+        return FitOutcome(False, f"Stopped at step {trainer.global_step} of {trainer.max_steps}.", 1)
+    return FitOutcome(True, f"Done at step {trainer.global_step}.", 0)

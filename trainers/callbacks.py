@@ -17,6 +17,10 @@ class StepCheckpoint(ModelCheckpoint):
     multiple of N, and a rerun would then repeat them; here the end of training always saves.
     """
 
+    def note_saved(self, step: int) -> None:
+        """Another callback (preemption, the non-finite guard) saved this step: no second save at the end."""
+        self._last_global_step_saved = step
+
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.global_step > 0 and self._last_global_step_saved != trainer.global_step:
             candidates = self._monitor_candidates(trainer)
@@ -88,7 +92,8 @@ class ImagePanelLogger(Callback):
             self.render(trainer, pl_module)
 
     def on_train_end(self, trainer, pl_module):
-        self.render(trainer, pl_module)
+        if self.every_n_steps > 0:
+            self.render(trainer, pl_module)
 
     @torch.no_grad()
     def render(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

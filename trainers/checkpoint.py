@@ -1,4 +1,10 @@
-"""Checkpoint files: atomic writes, finding the checkpoint to resume from, and weight export."""
+"""Checkpoints: atomic writes, finding the checkpoint to resume from, and weight export.
+
+A checkpoint is either a file (DDP, FSDP with full state dicts) or a directory that several ranks write
+into (DeepSpeed). A directory cannot be renamed into place as a whole once every rank has written its part,
+so it counts as complete only when it holds the marker ``prism_complete.json``: the writer removes the marker
+before it starts and writes it, atomically, after every rank has finished (trainers/strategies.py).
+"""
 
 import json
 import logging
@@ -15,17 +21,22 @@ log = logging.getLogger(__name__)
 
 CHECKPOINT_DIR = "checkpoints"
 LAST = "last.ckpt"
+COMPLETE_MARKER = "prism_complete.json"
+
+
+def _fsync_dir(directory: Path) -> None:
+    dir_fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
 
 
 def _replace_atomically(tmp: Path, path: Path) -> None:
     with open(tmp, "rb+") as f:
         os.fsync(f.fileno())
     os.replace(tmp, path)
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)  # the rename itself must survive a crash too
-    finally:
-        os.close(dir_fd)
+    _fsync_dir(path.parent)  # the rename itself must survive a crash too
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -49,8 +60,50 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             tmp.unlink(missing_ok=True)
 
 
-def is_complete_checkpoint(path: Path) -> bool:
-    """A torch checkpoint is a zip archive; a truncated one has no central directory."""
+def write_json_atomically(path: str | Path, obj: Any) -> Path:
+    """JSON written under a temporary name in the same directory, fsynced, then renamed into place."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        tmp.write_text(json.dumps(obj, indent=1, sort_keys=True) + "\n")
+        _replace_atomically(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def write_complete_marker(ckpt_dir: str | Path, info: dict[str, Any]) -> Path:
+    """Declare a checkpoint directory complete; ``info`` must carry the integer ``global_step``."""
+    if not isinstance(info.get("global_step"), int):
+        raise ValueError(f"The completeness marker needs an integer 'global_step', got {info.get('global_step')!r}")
+    return write_json_atomically(Path(ckpt_dir) / COMPLETE_MARKER, info)
+
+
+def read_complete_marker(ckpt_dir: str | Path) -> dict[str, Any] | None:
+    """The marker of a checkpoint directory, or None when it is missing or unreadable (= incomplete)."""
+    try:
+        info = json.loads((Path(ckpt_dir) / COMPLETE_MARKER).read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(info, dict) or not isinstance(info.get("global_step"), int):
+        return None
+    return info
+
+
+def remove_complete_marker(ckpt_dir: str | Path) -> None:
+    """Mark a checkpoint directory incomplete (before overwriting or deleting it); durable once this returns."""
+    marker = Path(ckpt_dir) / COMPLETE_MARKER
+    if marker.exists():
+        marker.unlink()
+        _fsync_dir(marker.parent)
+
+
+def is_complete_checkpoint(path: str | Path) -> bool:
+    """A file: a torch zip archive with its central directory (a truncated one has none).
+    A directory: holds a readable completeness marker."""
+    path = Path(path)
+    if path.is_dir():
+        return read_complete_marker(path) is not None
     try:
         with zipfile.ZipFile(path) as archive:
             return any(name.endswith("data.pkl") for name in archive.namelist())
@@ -58,31 +111,42 @@ def is_complete_checkpoint(path: Path) -> bool:
         return False
 
 
-def checkpoint_step(path: Path) -> int:
-    """The global step a checkpoint was written at, read without loading its tensors."""
+def checkpoint_step(path: str | Path) -> int:
+    """The global step a checkpoint was written at, read without loading its tensors
+    (for a directory: from its completeness marker)."""
+    path = Path(path)
+    if path.is_dir():
+        info = read_complete_marker(path)
+        if info is None:
+            raise ValueError(f"Checkpoint directory {path} is incomplete: {COMPLETE_MARKER} is missing or unreadable.")
+        return info["global_step"]
     state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     return int(state.get("global_step", -1))
 
 
 def find_resume_checkpoint(run_dir: str | Path) -> Path | None:
-    """The newest complete checkpoint in a run directory: ``last``, ``step-*`` or an HPC checkpoint.
+    """The newest complete checkpoint in a run directory: ``last``, ``step-*`` or an HPC checkpoint,
+    each a file or (DeepSpeed) a directory.
 
     Candidates are ordered by the step recorded inside them (file times lie after a copy), and a
-    checkpoint that does not open is skipped with a warning, never resumed from.
+    checkpoint that does not open, or a directory without its completeness marker, is skipped with a
+    warning, never resumed from.
     """
     run_dir = Path(run_dir)
     candidates = sorted((run_dir / CHECKPOINT_DIR).glob("*.ckpt")) + sorted(run_dir.glob("hpc_ckpt_*.ckpt"))
     best, best_key = None, None
     for path in candidates:
         if not is_complete_checkpoint(path):
-            log.warning("Ignoring incomplete checkpoint %s", path)
+            why = f" (no readable {COMPLETE_MARKER}: its save was cut off)" if path.is_dir() else ""
+            log.warning("Ignoring incomplete checkpoint %s%s", path, why)
             continue
         try:
             step = checkpoint_step(path)
         except Exception as err:  # unreadable pickle: same as incomplete
             log.warning("Ignoring unreadable checkpoint %s (%s)", path, err)
             continue
-        key = (step, path.stat().st_mtime)
+        stamp = path / COMPLETE_MARKER if path.is_dir() else path  # a directory's own mtime moves with its files
+        key = (step, stamp.stat().st_mtime)
         if best_key is None or key > best_key:
             best, best_key = path, key
     return best

@@ -348,11 +348,44 @@ def test_state_dict_round_trip(data):
     dm = _module(data, batches_per_epoch=2, seed=5)
     dm.setup("fit")
     dm.train_dataloader().set_epoch(3)  # what Lightning calls, through `.sampler`
-    assert dm.state_dict() == {"epoch": 3, "seed": 5}
+    state = dm.state_dict()
+    assert (state["epoch"], state["seed"], state["batches_done"]) == (3, 5, 0)
     other = _module(data, batches_per_epoch=2, seed=5)
     other.setup("fit")
-    other.load_state_dict({"epoch": 7, "seed": 5})
-    assert other.train_stream.epoch == 7
+    other.load_state_dict({**state, "epoch": 7, "batches_done": 1})
+    assert other.train_stream.epoch == 7 and other.train_stream.skip_batches == 1
+    # the skip belongs to the first iteration of the resumed epoch only
+    loader = other.train_dataloader()
+    assert len(list(loader)) == 1 and other.train_stream.skip_batches == 0
+    assert len(list(loader)) == 2
+
+
+def test_resume_with_another_layout_warns_and_restarts_the_epoch(data):
+    dm = _module(data, batches_per_epoch=2)
+    dm.setup("fit")
+    state = {**dm.state_dict(), "batches_done": 1}
+    state["layout"] = {**state["layout"], "world_size": 4}
+    with pytest.warns(UserWarning, match="world_size 4 -> 1"):
+        dm.load_state_dict(state)
+    assert dm.train_stream.skip_batches == 0
+
+
+@pytest.mark.parametrize("num_workers", [0, 1, 2, 3])
+def test_skipping_batches_continues_the_uninterrupted_stream(data, num_workers):
+    """After skipping S batches, a new loader yields exactly batches S.. of an uninterrupted one, in
+    order and with the same pixels (each sample's crop depends on its place in the stream only)."""
+    def stream(skip):
+        s = ResampledShardStream(data["train"], mae_train_transform(SIZE), 2, 7, seed=3, shuffle_buffer=8)
+        s.skip_batches = skip
+        return list(ShardLoader(s, num_workers))
+
+    full = stream(0)
+    assert len(full) == 7
+    for skip in (1, 2, 5, 7):
+        rest = stream(skip)
+        assert [b["key"] for b in rest] == [b["key"] for b in full[skip:]], skip
+        for resumed, uninterrupted in zip(rest, full[skip:]):
+            assert torch.equal(resumed["image"], uninterrupted["image"])
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -412,6 +445,25 @@ def test_lightning_fit_epochs_determinism_and_resume(data, tmp_path):
     assert resumed.train_keys == {2: run.train_keys[2]}
 
 
+def test_lightning_mid_epoch_resume_reads_the_batches_an_uninterrupted_run_reads(data, tmp_path):
+    def fit(steps, ckpt_path=None, every=None):
+        dm = _module(data, num_workers=2, batches_per_epoch=5, seed=4)
+        model = _Recorder()
+        callbacks = [ModelCheckpoint(dirpath=tmp_path / "mid", every_n_train_steps=every, save_top_k=-1,
+                                     filename="{step}")] if every else []
+        trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=steps, logger=False, enable_progress_bar=False,
+                            enable_model_summary=False, num_sanity_val_steps=0, callbacks=callbacks,
+                            enable_checkpointing=bool(every), default_root_dir=tmp_path)
+        trainer.fit(model, datamodule=dm, ckpt_path=ckpt_path)
+        return [k for epoch in sorted(model.train_keys) for k in model.train_keys[epoch]]
+
+    uninterrupted = fit(8)  # epoch 0 (5 batches of 4), then 3 batches of epoch 1
+    assert len(uninterrupted) == 32
+    fit(8, every=1)  # a checkpoint after every step
+    for step in (3, 5, 6):  # mid epoch 0, the last batch of epoch 0, mid epoch 1
+        assert fit(8, ckpt_path=str(tmp_path / "mid" / f"step={step}.ckpt")) == uninterrupted[step * 4:], step
+
+
 def test_lightning_fit_without_val_shards(data, tmp_path):
     dm = _module(data, num_workers=0, batches_per_epoch=2)
     model = _Recorder()
@@ -419,3 +471,20 @@ def test_lightning_fit_without_val_shards(data, tmp_path):
                         enable_model_summary=False, enable_checkpointing=False, default_root_dir=tmp_path)
     trainer.fit(model, datamodule=dm)
     assert len(model.train_keys[0]) == 8 and model.val_samples == 0
+
+
+def test_loader_workers_survive_the_signals_slurm_sends_to_every_process(data):
+    """SLURM signals all processes of a job step; a worker killed by SIGUSR1 would crash training."""
+    import os
+    import signal
+
+    stream = ResampledShardStream(data["train"], mae_train_transform(SIZE), 2, 6, seed=0, shuffle_buffer=4)
+    loader = ShardLoader(stream, num_workers=1)
+    batches = iter(loader)
+    first = next(batches)
+    worker_iter = batches.gi_frame.f_locals["batches"]  # the DataLoader iterator inside the lazy generator
+    for signum in (signal.SIGUSR1, signal.SIGTERM):
+        for worker in worker_iter._workers:
+            os.kill(worker.pid, signum)
+    rest = list(batches)
+    assert len(rest) == 5 and first["image"].shape[0] == 2

@@ -11,7 +11,8 @@ def test_unknown_strategy_names_the_valid_ones():
 @pytest.mark.parametrize("strategy", ["deepspeed_stage_2", "deepspeed_stage_3", "fsdp"])
 def test_gpu_only_strategies_fail_clearly_on_cpu(tmp_path, strategy):
     with pytest.raises(ValueError, match="needs CUDA GPUs.*--trainer.strategy ddp"):
-        build_trainer(TrainerConfig(strategy=strategy, accelerator="cpu"), LoggingConfig(), tmp_path)
+        build_trainer(TrainerConfig(strategy=strategy, accelerator="cpu"), LoggingConfig(), tmp_path,
+                      batch_size_per_device=4)
 
 
 def test_precision_defaults_to_fp32_on_cpu_and_respects_a_choice():
@@ -40,7 +41,7 @@ def test_wandb_run_id_is_stable_for_a_run_dir_and_survives_a_move(tmp_path):
 
 def test_trainer_writes_into_the_run_dir(tmp_path):
     trainer = build_trainer(TrainerConfig(accelerator="cpu", max_steps=3, checkpoint_every_n_steps=2),
-                            LoggingConfig(), tmp_path)
+                            LoggingConfig(), tmp_path, batch_size_per_device=4)
     ckpt = trainer.checkpoint_callback
     assert ckpt.dirpath == str(tmp_path / "checkpoints") and ckpt._every_n_train_steps == 2
     assert trainer.default_root_dir == str(tmp_path) and trainer.max_steps == 3

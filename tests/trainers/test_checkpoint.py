@@ -5,7 +5,8 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from trainers.checkpoint import AtomicCheckpointIO, find_resume_checkpoint, is_complete_checkpoint, save_safetensors
+from trainers.checkpoint import (COMPLETE_MARKER, AtomicCheckpointIO, checkpoint_step, find_resume_checkpoint,
+                                 is_complete_checkpoint, read_complete_marker, save_safetensors, write_complete_marker)
 
 
 def _ckpt(step: int) -> dict:
@@ -60,3 +61,45 @@ def test_safetensors_export_round_trip_with_metadata(tmp_path):
         assert json.loads(f.metadata()["step"]) == 7
         assert torch.equal(f.get_tensor("a"), tensors["a"])
     assert [p.name for p in path.parent.iterdir()] == ["w.safetensors"]
+
+
+def _ds_dir(path, step: int | None):
+    """A checkpoint directory as DeepSpeed leaves it; marked complete when ``step`` is given."""
+    (path / "checkpoint").mkdir(parents=True)
+    (path / "checkpoint" / "mp_rank_00_model_states.pt").write_bytes(b"shard")
+    (path / "latest").write_text("checkpoint")
+    if step is not None:
+        write_complete_marker(path, {"global_step": step, "format": "deepspeed"})
+    return path
+
+
+def test_directory_checkpoints_count_only_with_their_marker(tmp_path):
+    io = AtomicCheckpointIO()
+    ckpts = tmp_path / "checkpoints"
+    io.save_checkpoint(_ckpt(10), ckpts / "step-000010.ckpt")  # a file from an earlier DDP run
+    _ds_dir(ckpts / "last.ckpt", 12)
+    _ds_dir(ckpts / "step-000016.ckpt", None)  # its save was cut off before the marker
+    _ds_dir(tmp_path / "hpc_ckpt_2.ckpt", 14)
+
+    assert is_complete_checkpoint(ckpts / "last.ckpt") and checkpoint_step(ckpts / "last.ckpt") == 12
+    assert not is_complete_checkpoint(ckpts / "step-000016.ckpt")
+    with pytest.raises(ValueError, match="incomplete.*prism_complete.json"):
+        checkpoint_step(ckpts / "step-000016.ckpt")
+    assert find_resume_checkpoint(tmp_path) == tmp_path / "hpc_ckpt_2.ckpt"
+
+    (tmp_path / "hpc_ckpt_2.ckpt" / COMPLETE_MARKER).write_text('{"global_step": 1')  # torn marker
+    assert not is_complete_checkpoint(tmp_path / "hpc_ckpt_2.ckpt")
+    assert find_resume_checkpoint(tmp_path) == ckpts / "last.ckpt"
+    shutil.rmtree(ckpts / "last.ckpt")
+    assert find_resume_checkpoint(tmp_path) == ckpts / "step-000010.ckpt"
+
+
+def test_marker_is_written_atomically_and_needs_an_integer_step(tmp_path):
+    marker = write_complete_marker(tmp_path, {"global_step": 7, "zero_stage": 2})
+    assert marker.name == COMPLETE_MARKER and json.loads(marker.read_text())["zero_stage"] == 2
+    assert read_complete_marker(tmp_path) == {"global_step": 7, "zero_stage": 2}
+    assert [p.name for p in tmp_path.iterdir()] == [COMPLETE_MARKER]  # no temporary left behind
+    with pytest.raises(ValueError, match="integer 'global_step'"):
+        write_complete_marker(tmp_path, {"global_step": "7"})
+    marker.write_text('{"global_step": "7"}')
+    assert read_complete_marker(tmp_path) is None

@@ -1,0 +1,1 @@
+"""Tests of the SLURM submit helper and of real jobs on a local single-node SLURM."""
