@@ -11,6 +11,7 @@ import re
 import subprocess
 from dataclasses import dataclass
 
+import torch
 from lightning.fabric.plugins.environments import SLURMEnvironment
 
 
@@ -111,3 +112,12 @@ def requeue(job_id: str) -> tuple[bool, str]:
     except (OSError, subprocess.TimeoutExpired) as err:
         return False, f"scontrol requeue {job_id} could not run ({err}); is scontrol on PATH inside the job?"
     return proc.returncode == 0, (proc.stdout + proc.stderr).strip()
+
+
+def max_over_ranks(trainer, value: int | torch.Tensor) -> int:
+    """The largest of every rank's value, known to all ranks: how ranks agree on a stop or a skip. One tiny
+    all-reduce and one device-to-host read."""
+    tensor = torch.as_tensor(value, device=trainer.strategy.root_device).to(torch.int32).reshape(1)
+    if trainer.world_size > 1 and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.MAX)
+    return int(tensor.item())

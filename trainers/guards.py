@@ -20,6 +20,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.strategies import DeepSpeedStrategy
 
 from trainers.checkpoint import CHECKPOINT_DIR
+from trainers.cluster import max_over_ranks
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +54,7 @@ class NonFiniteLossGuard(Callback):
             loss = output["loss"] if isinstance(output, dict) else output
             if loss is None:
                 return output
-            self._bad_this_step = self._any_rank_non_finite(trainer, loss)
+            self._bad_this_step = bool(max_over_ranks(trainer, ~torch.isfinite(loss.detach()).all()))
             if not self._bad_this_step:
                 return output
             if isinstance(trainer.strategy, DeepSpeedStrategy):
@@ -64,13 +65,6 @@ class NonFiniteLossGuard(Callback):
             return None  # Lightning skips backward and the optimizer step
 
         pl_module.training_step = guarded_training_step
-
-    @staticmethod
-    def _any_rank_non_finite(trainer, loss: torch.Tensor) -> bool:
-        bad = (~torch.isfinite(loss.detach())).any().to(torch.int32).reshape(1)
-        if trainer.world_size > 1 and torch.distributed.is_initialized():
-            torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MAX)
-        return bool(bad.item())
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if not self._bad_this_step:

@@ -12,13 +12,11 @@ import logging
 import signal
 from pathlib import Path
 
-import lightning as L
-import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import WandbLogger
 
 from trainers.checkpoint import CHECKPOINT_DIR
-from trainers.cluster import requeue, slurm_allocation
+from trainers.cluster import max_over_ranks, requeue, slurm_allocation
 
 log = logging.getLogger(__name__)
 
@@ -66,18 +64,10 @@ class PreemptionHandler(Callback):
         self._previous.clear()
 
     # -- the step boundary ---------------------------------------------------------------------------
-    def _agreed(self, trainer: L.Trainer) -> int:
-        flag = self._received
-        if trainer.world_size > 1 and torch.distributed.is_initialized():
-            tensor = torch.tensor([flag], device=trainer.strategy.root_device)
-            torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.MAX)
-            flag = int(tensor.item())
-        return flag
-
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if self.stopped_at is not None or trainer.global_step % self.check_every_n_steps:
             return
-        action = self._agreed(trainer)
+        action = max_over_ranks(trainer, self._received)
         if action == _NONE:
             return
         step = trainer.global_step
