@@ -1,21 +1,22 @@
-"""Loader processes ignore SIGUSR1 and SIGTERM.
+"""Loader processes ignore SIGUSR1.
 
-SLURM signals every process of a job step, loader workers included. A worker killed by SIGUSR1 (the
-warning before the time limit) or SIGTERM would take the training process down with "DataLoader worker
-exited unexpectedly" before it could save; the training process handles the signal and stops its workers
-itself. Workers still exit when the training process dies (PyTorch's worker watchdog).
+SLURM sends SIGUSR1 (the warning before the time limit) to every process of a job step, loader workers
+included, and its default action kills the process: the training process would then die with "DataLoader
+worker exited unexpectedly" before it could save and requeue. The training process handles the signal
+itself and stops its workers.
 
-Importing this module applies it: the loader's forkserver imports it at start (``streams._worker_context``),
-so that it survives too. Each worker calls ``ignore_cluster_signals`` again as its init function, because
-PyTorch installs its own SIGTERM handler in every worker (one that dies on a SIGTERM not sent by its parent).
+SIGTERM keeps PyTorch's worker handler: the training process stops workers with SIGTERM when they do not
+exit by themselves, and so does multiprocessing at interpreter exit, so ignoring it would hang the exit.
+
+Importing this module applies it: the loader's forkserver imports it at start (``streams._worker_context``)
+and each worker calls ``ignore_cluster_signals`` as its init function.
 """
 
 import signal
 
 
 def ignore_cluster_signals(worker_id: int | None = None) -> None:
-    for signum in (signal.SIGUSR1, signal.SIGTERM):
-        signal.signal(signum, signal.SIG_IGN)
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
 
 
 ignore_cluster_signals()
