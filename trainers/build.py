@@ -1,6 +1,5 @@
 """The Trainer factory: strategy, precision, loggers, checkpoints and callbacks from two typed configs."""
 
-import csv
 import hashlib
 import re
 import warnings
@@ -9,18 +8,17 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import Callback, LearningRateMonitor
-from lightning.pytorch.loggers import CSVLogger, WandbLogger
-from lightning.pytorch.loggers.csv_logs import ExperimentWriter
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.callbacks import LearningRateMonitor
+from lightning.pytorch.loggers import WandbLogger
 
 from trainers.callbacks import DestroyProcessGroup, StepCheckpoint
 from trainers.checkpoint import CHECKPOINT_DIR, AtomicCheckpointIO
 from trainers.cluster import check_allocation, slurm_plugins
 from trainers.guards import NonFiniteLossGuard
+from trainers.metrics_csv import ResumableCSVLogger, TrimMetricsOnResume
 from trainers.preemption import PreemptionHandler
 from trainers.random_state import RandomStateCheckpoint
-from trainers.strategies import DEEPSPEED, build_strategy, describe_strategy
+from trainers.strategies import DEEPSPEED, build_strategy
 from trainers.strategies import NAMES as STRATEGY_NAMES
 
 # The shard loaders are resumable mid-epoch through the datamodule's state (datamodules/sharded.py), which
@@ -121,56 +119,6 @@ def wandb_run_id(run_dir: Path) -> str:
     return run_id
 
 
-class _AppendingWriter(ExperimentWriter):
-    """Lightning's CSV writer deletes an existing metrics.csv when it starts; a resumed run appends instead."""
-
-    def _check_log_dir_exists(self) -> None:
-        path = Path(self.metrics_file_path)
-        if path.is_file():  # continue its columns: Lightning's writer rewrites the file when a key is new to it
-            with open(path, newline="") as f:
-                self.metrics_keys = sorted(next(csv.reader(f), []))
-
-    def drop_rows_from(self, step: int) -> None:
-        """Forget rows a killed run logged after its checkpoint: the resumed run logs those steps again."""
-        path = Path(self.metrics_file_path)
-        if not path.is_file():
-            return
-        with open(path, newline="") as f:
-            rows = list(csv.DictReader(f))
-        kept = [row for row in rows if not row.get("step") or int(float(row["step"])) < step]
-        if len(kept) == len(rows):
-            return
-        self.metrics_keys = sorted({key for row in rows for key in row})
-        with open(path, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=self.metrics_keys)
-            writer.writeheader()
-            writer.writerows(kept)
-
-
-class ResumableCSVLogger(CSVLogger):
-    """``<run_dir>/csv/metrics.csv`` over every attempt of a run: appended to, written every step (a kill
-    loses at most one), and cut back to the checkpoint's step when a run resumes."""
-
-    def __init__(self, save_dir: str):
-        super().__init__(save_dir=save_dir, name="", version="csv", flush_logs_every_n_steps=1)
-
-    @property
-    def experiment(self) -> _AppendingWriter:
-        if self._experiment is None:
-            self._fs.makedirs(self.root_dir, exist_ok=True)
-            self._experiment = _AppendingWriter(log_dir=self.log_dir)
-        return self._experiment
-
-
-class _TrimMetricsOnResume(Callback):
-    def on_train_start(self, trainer, pl_module) -> None:
-        if trainer.is_global_zero:
-            for logger in trainer.loggers:
-                if isinstance(logger, ResumableCSVLogger):
-                    # a step's metrics are logged under step - 1: rows from global_step on come after the checkpoint
-                    logger.experiment.drop_rows_from(trainer.global_step)
-
-
 def build_trainer(cfg: TrainerConfig, logging: LoggingConfig, run_dir: str | Path, callbacks=(), *,
                   batch_size_per_device: int, seed: int = 0) -> L.Trainer:
     """The Trainer for a run directory, with the fault-tolerance callbacks every run gets: preemption
@@ -218,7 +166,6 @@ def build_trainer(cfg: TrainerConfig, logging: LoggingConfig, run_dir: str | Pat
     strategy = build_strategy(cfg.strategy, batch_size_per_device=batch_size_per_device, precision=precision,
                               accumulate_grad_batches=cfg.accumulate_grad_batches,
                               gradient_clip_val=cfg.gradient_clip_val)
-    rank_zero_info(describe_strategy(cfg.strategy, precision, batch_size_per_device, cfg.accumulate_grad_batches))
     plugins = slurm_plugins()
     # DeepSpeed writes checkpoint directories itself and takes no CheckpointIO plugin
     if not cfg.strategy.startswith("deepspeed"):
@@ -240,7 +187,7 @@ def build_trainer(cfg: TrainerConfig, logging: LoggingConfig, run_dir: str | Pat
         deterministic=cfg.deterministic,
         logger=[wandb_logger, csv_logger],
         callbacks=[checkpoints, LearningRateMonitor(logging_interval="step"), DestroyProcessGroup(), *callbacks,
-                   _TrimMetricsOnResume(),
+                   TrimMetricsOnResume(),
                    *fault_tolerance],
         plugins=plugins,
         num_sanity_val_steps=1,

@@ -10,6 +10,8 @@ import json
 import logging
 import os
 import zipfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -32,11 +34,20 @@ def _fsync_dir(directory: Path) -> None:
         os.close(dir_fd)
 
 
-def _replace_atomically(tmp: Path, path: Path) -> None:
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)  # the rename itself must survive a crash too
+@contextmanager
+def _written_atomically(path: Path) -> Iterator[Path]:
+    """Yields a temporary name next to ``path`` to write to; once the block has written it, it is fsynced
+    and renamed onto ``path``. Readers see the old file or the new one, never a partial one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        yield tmp
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)  # the rename itself must survive a crash too
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -51,24 +62,15 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         path = Path(path)
         if "://" in str(path):  # remote storage: fall back to Lightning's writer
             return super().save_checkpoint(checkpoint, path, storage_options)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        try:
+        with _written_atomically(path) as tmp:
             torch.save(checkpoint, tmp)
-            _replace_atomically(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
 
 
 def write_json_atomically(path: str | Path, obj: Any) -> Path:
     """JSON written under a temporary name in the same directory, fsynced, then renamed into place."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
+    with _written_atomically(path) as tmp:
         tmp.write_text(json.dumps(obj, indent=1, sort_keys=True) + "\n")
-        _replace_atomically(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return path
 
 
@@ -155,13 +157,8 @@ def find_resume_checkpoint(run_dir: str | Path) -> Path | None:
 def save_safetensors(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, Any]) -> Path:
     """Atomic safetensors export; metadata values are JSON-encoded strings as the format requires."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     contiguous = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-    try:
+    with _written_atomically(path) as tmp:
         save_file(contiguous, str(tmp), metadata={k: json.dumps(v) for k, v in metadata.items()})
-        _replace_atomically(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return path
 
