@@ -9,6 +9,7 @@ before it starts and writes it, atomically, after every rank has finished (train
 import json
 import logging
 import os
+import shutil
 import zipfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -152,6 +153,34 @@ def find_resume_checkpoint(run_dir: str | Path) -> Path | None:
         if best_key is None or key > best_key:
             best, best_key = path, key
     return best
+
+
+def bring_last_up_to_date(run_dir: str | Path, newest: Path) -> None:
+    """Make ``last.ckpt`` a copy of ``newest`` when it is older.
+
+    A step's checkpoint and ``last`` are two writes; a kill between them leaves ``last`` one save behind.
+    Training rewrites it at the next save, but a run whose newest checkpoint is already its final step
+    trains no more and would keep the stale ``last``. Call on one rank, before fitting.
+    """
+    last = Path(run_dir) / CHECKPOINT_DIR / LAST
+    if newest == last or (is_complete_checkpoint(last) and checkpoint_step(last) >= checkpoint_step(newest)):
+        return
+    log.info("%s is older than %s (a save was cut off): copying the newer one over it", last, newest)
+    if newest.is_file():
+        with _written_atomically(last) as tmp:
+            shutil.copyfile(newest, tmp)
+        return
+    # A directory is copied, not hard-linked: DeepSpeed rewrites its files in place on the next save.
+    staging = last.with_name(f".{last.name}.tmp-{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    shutil.copytree(newest, staging)
+    if last.is_dir():
+        remove_complete_marker(last)
+        shutil.rmtree(last)
+    elif last.exists():
+        last.unlink()
+    os.replace(staging, last)
+    _fsync_dir(last.parent)
 
 
 def save_safetensors(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, Any]) -> Path:

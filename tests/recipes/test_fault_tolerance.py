@@ -7,6 +7,7 @@ the data stream's position, every rank's random state, the optimizer and the sch
 
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -64,10 +65,15 @@ def _assert_same_training_state(a: dict, b: dict) -> None:
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory, prism_cache) -> dict:
+def uninterrupted_run(tmp_path_factory, prism_cache) -> Path:
     run_dir = tmp_path_factory.mktemp("uninterrupted") / "run"
     _finish(_start(run_dir, prism_cache))
-    return _state(run_dir)
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(uninterrupted_run) -> dict:
+    return _state(uninterrupted_run)
 
 
 def test_sigkill_at_random_moments_then_resume_matches_an_uninterrupted_run(tmp_path, prism_cache, uninterrupted):
@@ -114,4 +120,16 @@ def test_sigterm_saves_and_exits_cleanly_then_resumes_exactly(tmp_path, prism_ca
     out = _finish(_start(run_dir, prism_cache))
     assert f"Resuming from {hpc[0]}" in out
     assert "Done at step 12" in out
+    _assert_same_training_state(_state(run_dir), uninterrupted)
+
+
+def test_a_run_killed_between_its_final_save_and_last_ends_with_an_up_to_date_last(tmp_path, prism_cache,
+                                                                                    uninterrupted_run, uninterrupted):
+    run_dir = tmp_path / "run"
+    shutil.copytree(uninterrupted_run, run_dir)
+    ckpts = run_dir / "checkpoints"
+    # the kill landed after step-000012.ckpt was written and before last.ckpt was: last is a save behind
+    shutil.copyfile(ckpts / "step-000008.ckpt", ckpts / "last.ckpt")
+    out = _finish(_start(run_dir, prism_cache))
+    assert f"Resuming from {ckpts / 'step-000012.ckpt'}" in out and "Done at step 12" in out
     _assert_same_training_state(_state(run_dir), uninterrupted)

@@ -5,8 +5,8 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from trainers.checkpoint import (COMPLETE_MARKER, AtomicCheckpointIO, checkpoint_step, find_resume_checkpoint,
-                                 is_complete_checkpoint, read_complete_marker, save_safetensors, write_complete_marker)
+from trainers.checkpoint import (COMPLETE_MARKER, AtomicCheckpointIO, bring_last_up_to_date, checkpoint_step,
+                                 find_resume_checkpoint, is_complete_checkpoint, read_complete_marker, save_safetensors, write_complete_marker)
 
 
 def _ckpt(step: int) -> dict:
@@ -103,3 +103,35 @@ def test_marker_is_written_atomically_and_needs_an_integer_step(tmp_path):
         write_complete_marker(tmp_path, {"global_step": "7"})
     marker.write_text('{"global_step": "7"}')
     assert read_complete_marker(tmp_path) is None
+
+
+def test_a_last_checkpoint_left_behind_by_a_kill_between_two_saves_is_brought_up_to_date(tmp_path):
+    io = AtomicCheckpointIO()
+    ckpts = tmp_path / "checkpoints"
+    io.save_checkpoint(_ckpt(8), ckpts / "last.ckpt")
+    io.save_checkpoint(_ckpt(12), ckpts / "step-000012.ckpt")  # killed before last.ckpt of step 12
+    newest = find_resume_checkpoint(tmp_path)
+    assert newest == ckpts / "step-000012.ckpt"
+    bring_last_up_to_date(tmp_path, newest)
+    assert checkpoint_step(ckpts / "last.ckpt") == 12
+    assert torch.equal(torch.load(ckpts / "last.ckpt", weights_only=True)["state_dict"]["w"], torch.full((64, 64), 12.0))
+    assert checkpoint_step(ckpts / "step-000012.ckpt") == 12  # the source is untouched
+    assert sorted(p.name for p in ckpts.iterdir()) == ["last.ckpt", "step-000012.ckpt"]
+
+    io.save_checkpoint(_ckpt(14), ckpts / "last.ckpt")  # a newer last is left alone
+    bring_last_up_to_date(tmp_path, ckpts / "step-000012.ckpt")
+    assert checkpoint_step(ckpts / "last.ckpt") == 14
+
+
+def test_a_stale_last_directory_is_replaced_by_a_copy_of_the_newest(tmp_path):
+    ckpts = tmp_path / "checkpoints"
+    _ds_dir(ckpts / "last.ckpt", 8)
+    _ds_dir(ckpts / "step-000012.ckpt", 12)
+    (ckpts / "step-000012.ckpt" / "checkpoint" / "mp_rank_00_model_states.pt").write_bytes(b"step 12")
+    bring_last_up_to_date(tmp_path, find_resume_checkpoint(tmp_path))
+    assert checkpoint_step(ckpts / "last.ckpt") == 12
+    copied = ckpts / "last.ckpt" / "checkpoint" / "mp_rank_00_model_states.pt"
+    assert copied.read_bytes() == b"step 12"
+    copied.write_bytes(b"overwritten in place")  # as DeepSpeed's next save does: the source must not change
+    assert (ckpts / "step-000012.ckpt" / "checkpoint" / "mp_rank_00_model_states.pt").read_bytes() == b"step 12"
+    assert sorted(p.name for p in ckpts.iterdir()) == ["last.ckpt", "step-000012.ckpt"]
