@@ -73,6 +73,8 @@ class ShardedDataModule(LightningDataModule):
     """WebDataset shards -> batch dicts (see ``datamodules/__init__.py`` for the keys).
 
     ``required_keys`` are the sample fields without which a sample is skipped as corrupt.
+    ``train_sample_filter(raw_sample, epoch) -> bool`` drops training samples before they are decoded (e.g.
+    datamodules.hashtags.HashtagResampler); it must be deterministic so that a resume continues exactly.
     ``world_size``/``rank`` may be set on the instance to override what the trainer or
     torch.distributed report (tests, tools that build streams for another rank).
     """
@@ -86,6 +88,7 @@ class ShardedDataModule(LightningDataModule):
         mean: Sequence[float] = IMAGENET_MEAN,
         std: Sequence[float] = IMAGENET_STD,
         required_keys: Sequence[str] = ("jpg",),
+        train_sample_filter: Callable[[dict, int], bool] | None = None,
     ):
         super().__init__()
         self.cfg = cfg
@@ -95,6 +98,7 @@ class ShardedDataModule(LightningDataModule):
         self.mean = tuple(mean)
         self.std = tuple(std)
         self.required_keys = tuple(required_keys)
+        self.train_sample_filter = train_sample_filter
         self.world_size: int | None = None
         self.rank: int | None = None
         self.batches_per_epoch: int | None = None
@@ -132,7 +136,7 @@ class ShardedDataModule(LightningDataModule):
                 )
             self.train_stream = ResampledShardStream(
                 shards, self.train_transform, self.cfg.batch_size, self.batches_per_epoch,
-                shuffle_buffer=self.cfg.shuffle_buffer, **common,
+                shuffle_buffer=self.cfg.shuffle_buffer, sample_filter=self.train_sample_filter, **common,
             )
             self.train_stream.set_epoch(self._epoch)
             rank_zero_info(

@@ -322,10 +322,15 @@ class ResampledShardStream(_ShardStream):
     """
 
     def __init__(self, shards: Sequence[str], transform: Callable[[dict], dict], batch_size: int,
-                 batches_per_epoch: int, *, shuffle_buffer: int = 1000, **kwargs):
+                 batches_per_epoch: int, *, shuffle_buffer: int = 1000,
+                 sample_filter: Callable[[dict, int], bool] | None = None, **kwargs):
         super().__init__(shards, transform, batch_size, **kwargs)
         self.batches_per_epoch = batches_per_epoch
         self.shuffle_buffer = shuffle_buffer
+        # (raw sample, epoch) -> keep? Applied before decoding (a rejected sample costs no image decode) and
+        # before the resume count, so it must be a pure function of the sample and the epoch: a resumed
+        # stream then drops the same samples and skips exactly the ones already trained on.
+        self.sample_filter = sample_filter
         self.skip_batches = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -363,12 +368,25 @@ class ResampledShardStream(_ShardStream):
             lambda: reader.resampled_urls(partition, shard_rng),
             reader.tar_samples,
             shuffle,
+            _filtered(self.sample_filter, self.epoch),
             reader.decode,
             _enumerate_from(done * self.batch_size),
             wds.map(self._seeded_transform(*where)),
             wds.batched(self.batch_size, collation_fn=collate, partial=False),
         )
         return itertools.islice(iter(pipeline), quota)
+
+
+def _filtered(keep: Callable[[dict, int], bool] | None,
+              epoch: int) -> Callable[[Iterator[dict]], Iterator[dict]] | None:
+    """Pipeline stage: the raw samples ``keep(sample, epoch)`` accepts; None (no stage) without a filter."""
+    if keep is None:
+        return None
+
+    def stage(samples: Iterator[dict]) -> Iterator[dict]:
+        return (sample for sample in samples if keep(sample, epoch))
+
+    return stage
 
 
 def _enumerate_from(skip: int) -> Callable[[Iterator[dict]], Iterator[tuple[int, dict]]]:

@@ -13,13 +13,21 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 import torch
+from PIL import ImageOps
 from torchvision.transforms import InterpolationMode, v2
+
+from . import IMAGENET_MEAN
 
 BICUBIC = InterpolationMode.BICUBIC
 
 # MAE pre-training augmentation: RandomResizedCrop(224, scale=(0.2, 1.0), bicubic) + horizontal flip
 # (He et al. 2022; facebookresearch/mae main_pretrain.py). Aspect ratio range is torchvision's default.
 MAE_CROP_SCALE = (0.2, 1.0)
+# Fine-tuning and linear probing crop harder: scale (0.08, 1), torchvision's default (mae main_finetune.py via
+# timm create_transform; main_linprobe.py RandomResizedCrop(224, interpolation=3)).
+FINETUNE_CROP_SCALE = (0.08, 1.0)
+# MAE fine-tuning's RandAugment (FINETUNE.md): 2 ops, magnitude 9 with std 0.5, the "increasing" op set.
+RAND_AUGMENT = "rand-m9-mstd0.5-inc1"
 
 
 def eval_resize_size(size: int) -> int:
@@ -45,6 +53,51 @@ def mae_train_pil_transform(size: int) -> v2.Compose:
             _image_to_uint8(),
         ]
     )
+
+
+def rand_augment(config: str, size: int, mean: Sequence[float] = IMAGENET_MEAN):
+    """timm's RandAugment on PIL images with the settings timm's ``create_transform`` gives it (which MAE
+    fine-tuning uses): translations up to 45% of the side, fill with the mean colour, bicubic resampling."""
+    from timm.data.auto_augment import posterize as timm_posterize  # lazy: timm is only needed for fine-tuning
+    from timm.data.auto_augment import rand_augment_transform
+    from timm.data.transforms import str_to_pil_interp
+
+    if not config.startswith("rand"):
+        raise ValueError(f"RandAugment config {config!r} must start with 'rand', e.g. {RAND_AUGMENT!r} "
+                         "(timm auto_augment syntax); use an empty string to turn it off.")
+    hparams = {"translate_const": int(size * 0.45), "img_mean": tuple(min(255, round(255 * m)) for m in mean),
+               "interpolation": str_to_pil_interp("bicubic")}
+    augment = rand_augment_transform(config, hparams)
+    for op in augment.ops:
+        if op.aug_fn is timm_posterize:
+            op.aug_fn = posterize
+    return augment
+
+
+def posterize(image, bits_to_keep: int, **_):
+    """timm's posterize op, also at 0 bits: a magnitude drawn above 9.5 ("mstd0.5") asks PosterizeIncreasing for
+    0 bits, which Pillow >= 12 refuses; older Pillow, as the reference ran with, masks every bit: a black image."""
+    if bits_to_keep >= 8:
+        return image
+    if bits_to_keep <= 0:
+        return image.point(lambda _: 0)
+    return ImageOps.posterize(image, bits_to_keep)
+
+
+def finetune_train_pil_transform(size: int, rand_augment_config: str | None = RAND_AUGMENT) -> v2.Compose:
+    """MAE fine-tuning's host-side augmentation: RandomResizedCrop(size, (0.08, 1), bicubic) + flip +
+    RandAugment -> uint8 ``(3, size, size)``. Normalisation and random erasing follow on the device
+    (timm applies erasing after Normalize too, so it erases in normalised units)."""
+    steps = [v2.RandomResizedCrop(size, scale=FINETUNE_CROP_SCALE, interpolation=BICUBIC, antialias=True),
+             v2.RandomHorizontalFlip()]
+    if rand_augment_config:
+        steps.append(rand_augment(rand_augment_config, size))
+    return v2.Compose([*steps, _image_to_uint8()])
+
+
+def linear_probe_train_pil_transform(size: int) -> v2.Compose:
+    """MAE linear probing's augmentation: RandomResizedCrop(size, (0.08, 1), bicubic) + flip -> uint8."""
+    return finetune_train_pil_transform(size, rand_augment_config=None)
 
 
 def eval_pil_transform(size: int) -> v2.Compose:
@@ -82,6 +135,16 @@ def mae_train_transform(size: int) -> Callable[[dict], dict]:
 def eval_transform(size: int) -> Callable[[dict], dict]:
     """Sample -> same keys as ``mae_train_transform``, deterministic resize + center crop."""
     return SampleTransform(eval_pil_transform(size))
+
+
+def finetune_train_transform(size: int, rand_augment_config: str | None = RAND_AUGMENT) -> Callable[[dict], dict]:
+    """Sample -> ``{"image": uint8, "label", "key"}`` with MAE fine-tuning's augmentation (no erasing: device)."""
+    return SampleTransform(finetune_train_pil_transform(size, rand_augment_config))
+
+
+def linear_probe_train_transform(size: int) -> Callable[[dict], dict]:
+    """Sample -> ``{"image": uint8, "label", "key"}`` with MAE linear probing's augmentation."""
+    return SampleTransform(linear_probe_train_pil_transform(size))
 
 
 def normalize_on_device(

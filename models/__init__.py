@@ -4,10 +4,14 @@
     mae = models.create("mae_vit_base_patch16", mask_ratio=0.75)
     models.list_models("vit_*")
 
+Model families: ViT (``vit_*``), MAE (``mae_*``), ViT_C / ViT_P pairs (``vitc_*``, ``vitp_*``), RegNetY
+(``regnety_*``). Complexity: :mod:`models.complexity` (ours, for MFU), :mod:`models.pycls_complexity` (pycls's
+convention, for papers and scaling); model scaling: :mod:`models.scaling`.
+
 This package never imports Lightning, data or trainer code.
 """
 
-from . import mae, vit  # noqa: F401  (importing registers the factories)
+from . import mae, regnet, vit, vitc  # noqa: F401  (importing registers the factories)
 from .complexity import Complexity
 from .registry import create, list_models, register_model
 

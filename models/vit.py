@@ -3,10 +3,13 @@
 ``timm.create_model("vit_base_patch16_224", num_classes=0)`` loads our state_dict strictly and vice versa, so
 exported weights work in timm and other tools. Attention runs through
 ``torch.nn.functional.scaled_dot_product_attention`` (timm ``Attention`` with ``fused_attn`` forced on).
+With ``stem="conv"`` the patch projection is the ViT_C convolutional stem (:mod:`models.vitc`), still named
+``patch_embed`` so layer-wise lr decay and weight handoff treat it as the embedding.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from functools import partial
 from typing import Literal
@@ -18,6 +21,7 @@ from torch import Tensor, nn
 
 from .complexity import Complexity, vit_complexity
 from .pos_embed import sincos_2d_pos_embed
+from .pycls_complexity import stem_counter
 from .registry import build_with_overrides, register_model
 
 __all__ = ["ViTConfig", "VisionTransformer", "make_blocks"]
@@ -53,8 +57,20 @@ class ViTConfig:
     """'learned': trainable table. 'sincos': fixed 2-D sin-cos table (frozen), as the MAE encoder."""
     ln_eps: float = 1e-6
     """LayerNorm epsilon (1e-6 in the MAE factories and timm ViTs)."""
+    stem: Literal["patchify", "conv"] = "patchify"
+    """'patchify': one conv with kernel = stride = patch_size (ViT). 'conv': the ViT_C stack of strided convs
+    (Xiao et al. 2021, pycls ViTStemConv), set by stem_kernels / stem_strides / stem_dims."""
+    stem_kernels: tuple[int, ...] = ()
+    """Conv stem only: odd kernel size per layer (ViT_C: 3 for every layer but the last 1x1)."""
+    stem_strides: tuple[int, ...] = ()
+    """Conv stem only: stride per layer; their product must equal patch_size."""
+    stem_dims: tuple[int, ...] = ()
+    """Conv stem only: output channels per layer; the last must equal embed_dim."""
 
     def __post_init__(self) -> None:
+        self.stem_kernels, self.stem_strides, self.stem_dims = (
+            tuple(self.stem_kernels), tuple(self.stem_strides), tuple(self.stem_dims)
+        )  # config files give lists
         if self.img_size % self.patch_size:
             raise ValueError(f"img_size {self.img_size} is not divisible by patch_size {self.patch_size}.")
         if self.embed_dim % self.num_heads:
@@ -65,6 +81,28 @@ class ViTConfig:
             raise ValueError(f"pos_embed must be 'learned' or 'sincos', got {self.pos_embed!r}.")
         if self.pos_embed == "sincos" and self.embed_dim % 4:
             raise ValueError(f"pos_embed='sincos' needs embed_dim divisible by 4, got {self.embed_dim}.")
+        self._check_stem()
+
+    def _check_stem(self) -> None:
+        layers = (self.stem_kernels, self.stem_strides, self.stem_dims)
+        if self.stem == "patchify":
+            if any(layers):
+                raise ValueError("stem_kernels / stem_strides / stem_dims are only used with stem='conv'; set "
+                                 "stem='conv' or leave them empty.")
+            return
+        if self.stem != "conv":
+            raise ValueError(f"stem must be 'patchify' or 'conv', got {self.stem!r}.")
+        if not self.stem_dims or len({len(x) for x in layers}) != 1:
+            raise ValueError(f"stem='conv' needs one kernel, stride and dim per layer; got kernels "
+                             f"{self.stem_kernels}, strides {self.stem_strides}, dims {self.stem_dims}.")
+        if any(k < 1 or k % 2 == 0 for k in self.stem_kernels) or any(s < 1 for s in self.stem_strides):
+            raise ValueError(f"Conv stem kernels must be odd and strides positive, got kernels "
+                             f"{self.stem_kernels}, strides {self.stem_strides}.")
+        if math.prod(self.stem_strides) != self.patch_size:
+            raise ValueError(f"Conv stem strides {self.stem_strides} multiply to {math.prod(self.stem_strides)}, "
+                             f"not patch_size {self.patch_size}; the stem must downsample by exactly one patch.")
+        if self.stem_dims[-1] != self.embed_dim:
+            raise ValueError(f"Conv stem's last dim {self.stem_dims[-1]} must equal embed_dim {self.embed_dim}.")
 
 
 def make_blocks(
@@ -112,7 +150,13 @@ class VisionTransformer(nn.Module):
         super().__init__()
         self.cfg = cfg
         d = cfg.embed_dim
-        self.patch_embed = PatchEmbed(cfg.img_size, cfg.patch_size, cfg.in_chans, d)
+        self.num_features = d  # width of forward()'s pooled features without a head, as timm
+        if cfg.stem == "conv":
+            from .vitc import ConvStem  # vitc registers models built on this class: import here, not at the top
+
+            self.patch_embed = ConvStem(cfg.img_size, cfg.in_chans, cfg.stem_kernels, cfg.stem_strides, cfg.stem_dims)
+        else:
+            self.patch_embed = PatchEmbed(cfg.img_size, cfg.patch_size, cfg.in_chans, d)
         self.num_patches = self.patch_embed.num_patches
         self.num_prefix_tokens = 1
         self.cls_token = nn.Parameter(torch.zeros(1, 1, d))
@@ -135,24 +179,30 @@ class VisionTransformer(nn.Module):
         'timm': timm's default ViT init (Linear trunc_normal(0.02), cls normal(1e-6), learned pos trunc_normal(0.02)).
         'mae': facebookresearch/mae models_mae.py initialize_weights (xavier_uniform on every Linear, fused qkv
         included, and on the patch projection viewed as (out, in*p*p); cls normal(0.02)). LayerNorm is (1, 0) in both.
+        A conv stem gets the ViT_C init in both (:meth:`models.vitc.ConvStem.init_weights`).
         """
         if self.cfg.pos_embed == "sincos":
             grid = self.patch_embed.grid_size
             self.pos_embed.copy_(sincos_2d_pos_embed(self.cfg.embed_dim, grid, cls_token=True).unsqueeze(0))
+        conv_stem = self.cfg.stem == "conv"
         if scheme == "mae":
-            proj = self.patch_embed.proj.weight
-            nn.init.xavier_uniform_(proj.view(proj.shape[0], -1))  # as a Linear, not with conv fan-in/out
-            nn.init.zeros_(self.patch_embed.proj.bias)
+            if not conv_stem:
+                proj = self.patch_embed.proj.weight
+                nn.init.xavier_uniform_(proj.view(proj.shape[0], -1))  # as a Linear, not with conv fan-in/out
+                nn.init.zeros_(self.patch_embed.proj.bias)
             nn.init.normal_(self.cls_token, std=0.02)
             self.apply(_init_linear_xavier)
         elif scheme == "timm":
             if self.cfg.pos_embed == "learned":
                 trunc_normal_(self.pos_embed, std=0.02)
             nn.init.normal_(self.cls_token, std=1e-6)
-            self.patch_embed.proj.reset_parameters()
+            if not conv_stem:
+                self.patch_embed.proj.reset_parameters()
             self.apply(_init_linear_timm)
         else:
             raise ValueError(f"Unknown init scheme {scheme!r}; use 'timm' or 'mae'.")
+        if conv_stem:
+            self.patch_embed.init_weights()
 
     # -- pieces reused by the MAE model --------------------------------------------------------------------------
     def embed_patches(self, x: Tensor) -> Tensor:
@@ -190,7 +240,16 @@ class VisionTransformer(nn.Module):
 
     def complexity(self, num_tokens: int | None = None) -> Complexity:
         """Per-sample forward FLOPs / params / activations; ``num_tokens`` through the blocks (default all + cls)."""
-        return vit_complexity(self.cfg, num_tokens)
+        total = vit_complexity(self.cfg, num_tokens)
+        if self.cfg.stem == "patchify":
+            return total
+        # vit_complexity counts a patchify stem (2 P C p^2 d FLOPs): swap in the conv stem's cost
+        c, p = self.cfg, self.num_patches
+        patch_dim = c.in_chans * c.patch_size**2
+        patchify = Complexity(2 * p * patch_dim * c.embed_dim, patch_dim * c.embed_dim + c.embed_dim, p * c.embed_dim)
+        stem = stem_counter(c).ours()
+        return Complexity(total.flops - patchify.flops + stem.flops, total.params - patchify.params + stem.params,
+                          total.activations - patchify.activations + stem.activations)
 
 
 # -- registered sizes ------------------------------------------------------------------------------------------------

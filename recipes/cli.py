@@ -11,6 +11,9 @@ from pathlib import Path
 from typing import TypeVar
 
 from jsonargparse import ActionConfigFile, ArgumentParser, set_parsing_settings
+from lightning.pytorch.utilities import rank_zero_info
+
+from trainers.checkpoint import bring_last_up_to_date, find_resume_checkpoint
 
 set_parsing_settings(docstring_parse_attribute_docstrings=True)
 
@@ -57,6 +60,18 @@ def save_config(yaml_text: str, run_dir: Path) -> Path:
         path.rename(run_dir / f"config.{n}.yaml")
     path.write_text(yaml_text)
     return path
+
+
+def start_run(trainer, run_dir: Path, config_yaml: str) -> Path | None:
+    """Where ``fit`` starts: the run directory's newest complete checkpoint, or None for a new run. Rank 0
+    records the config and repairs a ``last.ckpt`` that a kill left one save behind."""
+    resume = find_resume_checkpoint(run_dir)
+    if trainer.is_global_zero:
+        save_config(config_yaml, run_dir)
+        if resume:
+            bring_last_up_to_date(run_dir, resume)
+        rank_zero_info(f"Resuming from {resume}" if resume else f"Starting a new run in {run_dir}")
+    return resume
 
 
 def _show_project_logs() -> None:

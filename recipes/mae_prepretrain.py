@@ -23,10 +23,9 @@ from datamodules.sharded import DataConfig, ShardedDataModule
 from datamodules.shards import expand_shards
 from datamodules.synthetic import ensure_synthetic_world
 from datamodules.transforms import eval_transform, mae_train_transform
-from recipes.cli import parse_config, save_config
+from recipes.cli import parse_config, start_run
 from trainers.build import STRATEGIES, LoggingConfig, TrainerConfig, build_trainer, fit_outcome, uses_gpu
 from trainers.callbacks import ImagePanelLogger, ThroughputLogger
-from trainers.checkpoint import bring_last_up_to_date, find_resume_checkpoint
 from trainers.export import export_vit_encoder
 from trainers.handoff import load_into
 from trainers.mae import MAEModelConfig, MAEPretraining
@@ -95,15 +94,10 @@ def main(cfg: Config, config_yaml: str = "") -> dict[str, Path | None]:
         + f"; {cfg.optim.warmup_steps} warmup steps of {cfg.trainer.max_steps}, precision {trainer.precision}"
     )
 
-    resume = find_resume_checkpoint(run_dir)
+    resume = start_run(trainer, run_dir, config_yaml)
     if cfg.init_from and resume is None:
         load_into(module.model, cfg.init_from, prefix="model.")
         rank_zero_info(f"Initialised the model from {cfg.init_from}")
-    if trainer.is_global_zero:
-        save_config(config_yaml, run_dir)
-        if resume:
-            bring_last_up_to_date(run_dir, resume)
-        rank_zero_info(f"Resuming from {resume}" if resume else f"Starting a new run in {run_dir}")
     trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume) if resume else None)
 
     outcome = fit_outcome(trainer)

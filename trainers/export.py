@@ -3,6 +3,8 @@
 from dataclasses import asdict
 from pathlib import Path
 
+from torch import nn
+
 from models.vit import VisionTransformer, ViTConfig
 from trainers.checkpoint import save_safetensors
 
@@ -22,6 +24,20 @@ def timm_kwargs(cfg: ViTConfig) -> dict:
 
 
 def export_vit_encoder(encoder: VisionTransformer, path: str | Path, **metadata) -> Path:
-    """Write a ViT's weights with timm keys; the metadata says how to rebuild it in timm and in Prism."""
-    meta = {"timm_kwargs": timm_kwargs(encoder.cfg), "vit_config": asdict(encoder.cfg), **metadata}
+    """Write a ViT's weights with timm keys; the metadata says how to rebuild it in timm and in Prism.
+
+    A ViT_C (conv stem) has no timm twin: its metadata carries ``vit_config`` only, for ``models.vit``.
+    """
+    conv_stem = encoder.cfg.stem == "conv"
+    meta = {**({} if conv_stem else {"timm_kwargs": timm_kwargs(encoder.cfg)}), "vit_config": asdict(encoder.cfg),
+            **metadata}
     return save_safetensors(encoder.state_dict(), path, meta)
+
+
+def export_model(model: nn.Module, path: str | Path, **metadata) -> Path:
+    """Any trained network as safetensors: a ViT (with or without a head) through ``export_vit_encoder``,
+    so that ``timm.models.VisionTransformer(**timm_kwargs)`` loads it strictly; any other model (a timm
+    RegNet, say) with its own state-dict keys."""
+    if isinstance(model, VisionTransformer):
+        return export_vit_encoder(model, path, **metadata)
+    return save_safetensors(model.state_dict(), path, {"model_class": type(model).__name__, **metadata})

@@ -3,6 +3,7 @@
     load_state_dict("runs/mae", prefix="model.")        # newest complete checkpoint of a run, any strategy
     load_state_dict("runs/mae/checkpoints/last.ckpt")   # a Lightning file or a DeepSpeed directory
     load_state_dict("runs/mae/export/encoder.safetensors")
+    init_backbone(classifier, "runs/mae")              # the next stage's network from any earlier stage
 
     python -m trainers.handoff convert runs/mae/checkpoints/last.ckpt runs/mae/export/last-fp32.ckpt
 
@@ -26,6 +27,9 @@ from typing import Any
 
 import torch
 from safetensors.torch import load_file
+from timm.layers import trunc_normal_
+
+from models.pos_embed import interpolate_pos_embed
 
 from trainers.checkpoint import (CHECKPOINT_DIR, COMPLETE_MARKER, AtomicCheckpointIO, find_resume_checkpoint,
                                  read_complete_marker)
@@ -101,6 +105,119 @@ def convert_deepspeed_checkpoint(ckpt_dir: str | Path, out_path: str | Path) -> 
     out_path = Path(out_path)
     AtomicCheckpointIO().save_checkpoint(checkpoint, out_path)
     return out_path
+
+
+# ---- the next stage ------------------------------------------------------------------------------------
+
+# Where a run keeps its network (trainers/*: every LightningModule holds it at ``self.model``); tried in order.
+LAYOUTS = (
+    ("model.encoder.", "MAE run: its encoder (the decoder is left behind)"),
+    ("model.", "run of a classifier, backbone or probe (SWAG, finetune, linear probe)"),
+)
+
+
+def init_backbone(model: torch.nn.Module, source: str | Path, *, reset_head: bool = False) -> list[str]:
+    """Initialise ``model`` (a backbone or classifier) from any earlier stage; returns what it did, in lines.
+
+    ``source``: a run directory, Lightning ``.ckpt``, DeepSpeed directory, converted file or ``.safetensors``
+    export (``load_state_dict``). Its network is found by key layout: ``model.encoder.*`` (MAE), else
+    ``model.*`` (SWAG, finetune, linear probe), else plain keys (an export). Then, as MAE fine-tuning does
+    (facebookresearch/mae main_finetune.py):
+
+    - the source's classifier is dropped when ``model`` has none, or one of another shape (or ``reset_head``);
+    - ``pos_embed`` is resized to ``model``'s grid (bicubic, align_corners=False, cls row kept) when the
+      source ran at another resolution; MAE's fixed sin-cos table becomes the learned table's start;
+    - what is left must fit exactly: the only keys allowed missing are the new head's and the norm that
+      the change of pooling adds (``fc_norm.*`` for global average pooling from a cls-token source, the
+      final ``norm.*`` the other way), and the only unexpected keys the norm that pooling removes. Any other
+      difference raises ValueError naming every missing, unexpected and mis-shaped key and the source;
+    - a new head starts at trunc_normal(std=2e-5) with zero bias (MAE).
+    """
+    full = load_state_dict(source)
+    state, layout = full, "export or plain state dict (keys as the module names them)"
+    for prefix, description in LAYOUTS:
+        if any(k.startswith(prefix) for k in full):
+            state, layout = _select(full, prefix, Path(source)), f"{description}, keys under {prefix!r}"
+            break
+    lines = [f"init_from {source}: {layout}, {len(state)} tensors"]
+    target = model.state_dict()
+
+    head = classifier_name(model)
+    head_keys = {k for k in target if head and k.startswith(head + ".")}
+    source_head = {k for k in state if head and k.startswith(head + ".")}
+    fits = head_keys and source_head == head_keys and all(state[k].shape == target[k].shape for k in head_keys)
+    new_head = bool(head_keys) and (reset_head or not fits)
+    if source_head and (new_head or not head_keys):
+        shapes = ", ".join(f"{k} {list(state[k].shape)}" for k in sorted(source_head))
+        why = ("reset_head=True" if reset_head else "the model has another" if head_keys else "the model has none")
+        lines.append(f"head: dropped the source's {shapes} ({why})")
+        state = {k: v for k, v in state.items() if k not in source_head}
+
+    if "pos_embed" in state and "pos_embed" in target and state["pos_embed"].shape != target["pos_embed"].shape:
+        lines.append(_resize_pos_embed(model, state))
+    if "pos_embed" in state and layout.startswith("MAE") and getattr(model, "pos_embed", None) is not None \
+            and model.pos_embed.requires_grad:
+        lines.append("pos_embed: MAE's fixed sin-cos table is the learned table's starting value")
+
+    expected_missing, expected_unexpected = set(head_keys) if new_head else set(), set()
+    for gained, lost in (("fc_norm.", "norm."), ("norm.", "fc_norm.")):  # a change of pooling swaps these norms
+        gains = {k for k in target if k.startswith(gained)} - state.keys()
+        losses = {k for k in state if k.startswith(lost)} - target.keys()
+        if gains and losses:
+            expected_missing |= gains
+            expected_unexpected |= losses
+            lines.append(f"{gained.rstrip('.')}: new LayerNorm (1, 0); the source's {lost.rstrip('.')} is unused "
+                         "(the pooling differs: MAE models_vit.py)")
+    missing, unexpected = target.keys() - state.keys(), state.keys() - target.keys()
+    misshaped = sorted(f"{k} {list(state[k].shape)} vs {list(target[k].shape)}"
+                       for k in target.keys() & state.keys() if state[k].shape != target[k].shape)
+    if missing != expected_missing or unexpected != expected_unexpected or misshaped:
+        raise ValueError(
+            f"The weights in {source} ({layout}) do not fit {type(model).__name__}:\n"
+            f"  missing {sorted(missing)}\n  unexpected {sorted(unexpected)}\n  other shape {misshaped}\n"
+            f"  (allowed: missing exactly {sorted(expected_missing)}, unexpected exactly "
+            f"{sorted(expected_unexpected)}). Check that the model name (width, depth, patch size) is the one "
+            "the earlier stage trained."
+        )
+    model.load_state_dict({k: v for k, v in state.items() if k in target}, strict=False)
+    if new_head:
+        _init_new_head(model, head)
+        lines.append(f"head: new {', '.join(f'{k} {list(target[k].shape)}' for k in sorted(head_keys))}, "
+                     "trunc_normal(std=2e-5), zero bias")
+    lines.append(f"loaded {len(target) - len(missing)} of {len(target)} tensors"
+                 + (f"; new: {', '.join(sorted(missing))}" if missing else ""))
+    return lines
+
+
+def classifier_name(model: torch.nn.Module) -> str | None:
+    """Qualified name of the classifier: timm's ``get_classifier()`` (RegNet: ``head.fc``), else ``head``."""
+    head = model.get_classifier() if hasattr(model, "get_classifier") else getattr(model, "head", None)
+    if not isinstance(head, torch.nn.Module):
+        return None
+    return next((name for name, module in model.named_modules() if module is head), None)
+
+
+def _resize_pos_embed(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> str:
+    old, new = state["pos_embed"], model.state_dict()["pos_embed"]
+    prefix = int(getattr(model, "num_prefix_tokens", 1))
+    if old.shape[-1] != new.shape[-1]:
+        return f"pos_embed: width {old.shape[-1]} vs {new.shape[-1]}, not resized"
+    grid = getattr(getattr(model, "patch_embed", None), "grid_size", None)
+    if grid is None:  # a stem without timm's attribute: the table of a square grid
+        side = int(round((new.shape[1] - prefix) ** 0.5))
+        grid = (side, side)
+    state["pos_embed"] = interpolate_pos_embed(old, tuple(grid), num_prefix_tokens=prefix)
+    side = int(round((old.shape[1] - prefix) ** 0.5))
+    return (f"pos_embed: resized from the {side}x{side} to the {grid[0]}x{grid[1]} grid (bicubic, align_corners=False, "
+            f"{prefix} prefix row(s) kept): the source ran at another resolution")
+
+
+@torch.no_grad()
+def _init_new_head(model: torch.nn.Module, head: str) -> None:
+    module = model.get_submodule(head)
+    trunc_normal_(module.weight, std=2e-5)  # MAE main_finetune.py: a near-zero start keeps early logits flat
+    if getattr(module, "bias", None) is not None:
+        torch.nn.init.zeros_(module.bias)
 
 
 # ---- sources -------------------------------------------------------------------------------------------

@@ -73,15 +73,152 @@ def param_groups_weight_decay(model: nn.Module, weight_decay: float, skip: set[s
     ]
 
 
+def with_lr_scale(param_groups: list[dict], lr: float) -> list[dict]:
+    """Each group's starting rate is ``lr * lr_scale`` (1 without a scale).
+
+    The schedule (``build_warmup_cosine``) multiplies every group's starting rate by one factor, so a group's
+    rate at any step is ``lr * lr_scale * factor``: MAE util/lr_sched.py sets ``lr * lr_scale`` every iteration,
+    min_lr included, which is the same number.
+    """
+    return [{**g, "lr": lr * g["lr_scale"]} if "lr_scale" in g else g for g in param_groups]
+
+
 def build_adamw(param_groups: list[dict], cfg: OptimConfig, lr: float) -> torch.optim.AdamW:
     # Fused AdamW is one kernel per step on CUDA; it is unavailable on the CPU.
     on_cuda = any(p.is_cuda for g in param_groups for p in g["params"])
-    return torch.optim.AdamW(param_groups, lr=lr, betas=tuple(cfg.betas), fused=on_cuda or None)
+    return torch.optim.AdamW(with_lr_scale(param_groups, lr), lr=lr, betas=tuple(cfg.betas), fused=on_cuda or None)
 
 
-def build_warmup_cosine(optimizer: torch.optim.Optimizer, cfg: OptimConfig, lr: float, total_steps: int):
-    """Per-step schedule; each group's own base rate (e.g. a layer-decay scale baked in) is scaled alike."""
+def build_warmup_cosine(optimizer: torch.optim.Optimizer, cfg, lr: float, total_steps: int):
+    """Per-step schedule; each group's own base rate (e.g. a layer-decay scale baked in) is scaled alike.
+
+    ``cfg`` is any config with ``warmup_steps`` and ``min_lr`` (OptimConfig, LARSConfig)."""
     min_ratio = cfg.min_lr / lr if lr > 0 else 0.0
     return torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: warmup_cosine_factor(step, cfg.warmup_steps, total_steps, min_ratio)
     )
+
+
+# ---- fine-tuning: layer-wise learning-rate decay ----------------------------------------------------------
+
+def vit_layer_id(name: str, depth: int) -> int:
+    """Depth of a ViT parameter for layer decay (facebookresearch/mae util/lr_decay.py get_layer_id_for_vit):
+    0 for the embedding (cls token, position table, patch embedding or conv stem), i + 1 for ``blocks.i``,
+    depth + 1 for everything after the blocks (final norm, fc_norm, head)."""
+    if name in ("cls_token", "pos_embed") or name.startswith("patch_embed."):
+        return 0
+    if name.startswith("blocks."):
+        return int(name.split(".")[1]) + 1
+    return depth + 1
+
+
+def param_groups_layer_decay(model: nn.Module, weight_decay: float, layer_decay: float,
+                             no_weight_decay_names: set[str] | frozenset[str] = frozenset()) -> list[dict]:
+    """AdamW groups for fine-tuning with layer-wise rate decay (MAE util/lr_decay.py param_groups_lrd).
+
+    A parameter at depth ``id`` (``vit_layer_id``) gets ``lr_scale = layer_decay ** (depth + 1 - id)``: the
+    head keeps the full rate, the patch embedding gets ``layer_decay ** (depth + 1)``. Parameters with
+    ``ndim == 1`` or named in ``no_weight_decay_names`` (exact names, e.g. ``pos_embed``) get no weight
+    decay; the reference does not look at the ``.bias`` suffix, and biases are 1-D anyway. One group per
+    (depth, decay or not): at most 2 x (depth + 2) groups. Frozen parameters are left out.
+
+    A model without ``blocks`` (a CNN such as RegNetY) has no layer order this rule knows: it gets the plain
+    two-group split with ``lr_scale`` 1.
+    """
+    blocks = getattr(model, "blocks", None)
+    if not isinstance(blocks, (nn.ModuleList, nn.Sequential)):
+        plain = param_groups_weight_decay(model, weight_decay, set(no_weight_decay_names))
+        return [{**g, "lr_scale": 1.0} for g in plain]
+    depth = len(blocks)
+    groups: dict[tuple[int, bool], dict] = {}
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        no_decay = param.ndim == 1 or name in no_weight_decay_names
+        layer = vit_layer_id(name, depth)
+        group = groups.setdefault((layer, no_decay), {
+            "params": [], "weight_decay": 0.0 if no_decay else weight_decay,
+            "lr_scale": layer_decay ** (depth + 1 - layer),
+        })
+        group["params"].append(param)
+    return [groups[key] for key in sorted(groups)]
+
+
+# ---- linear probing: LARS ---------------------------------------------------------------------------------
+
+@dataclass
+class LARSConfig:
+    blr: float = 0.1
+    """Base learning rate; the actual rate is blr * effective_batch / 256 (MAE linear probe: 0.1, so 6.4 at 16384)."""
+    lr: float | None = None
+    """Absolute learning rate; when set it replaces the rate derived from blr."""
+    weight_decay: float = 0.0
+    """Weight decay, applied (inside the trust ratio) to parameters with more than one dimension only."""
+    momentum: float = 0.9
+    """Momentum of the update buffer."""
+    trust_coefficient: float = 0.001
+    """LARS trust coefficient: a >1-D parameter's update is scaled by trust * ||p|| / ||grad + wd * p||."""
+    warmup_steps: int = 10
+    """Linear warmup from 0, in optimizer steps (MAE: 10 epochs of 90)."""
+    min_lr: float = 0.0
+    """Floor of the half-cycle cosine decay."""
+
+    def __post_init__(self):
+        if self.warmup_steps < 0:
+            raise ValueError(f"optim.warmup_steps must be >= 0, got {self.warmup_steps}")
+        if self.lr is None and self.blr <= 0:
+            raise ValueError(f"optim.blr must be > 0, got {self.blr}")
+        if not 0.0 <= self.momentum < 1.0:
+            raise ValueError(f"optim.momentum must be in [0, 1), got {self.momentum}")
+
+
+class LARS(torch.optim.Optimizer):
+    """SGD with momentum and a layer-wise trust ratio, as MAE's linear probe uses it (facebookresearch/mae
+    util/lars.py; You et al. 2017).
+
+    For a parameter with more than one dimension, ``d = grad + wd * p`` is scaled by
+    ``trust * ||p|| / ||d||`` (1 when either norm is 0); 1-D parameters (biases, norms) take the plain
+    gradient, without decay. Then ``mu <- momentum * mu + d`` and ``p <- p - lr * mu``.
+
+    Our own rather than ``timm.optim.Lars``: timm applies the trust ratio only when the group's weight decay
+    is non-zero (unless ``always_adapt``) and to 1-D parameters too, while the MAE probe trains with weight
+    decay 0 and still scales every >1-D update by the trust ratio.
+    """
+
+    def __init__(self, params, lr: float = 0.0, weight_decay: float = 0.0, momentum: float = 0.9,
+                 trust_coefficient: float = 0.001):
+        if lr < 0 or weight_decay < 0 or not 0 <= momentum < 1 or trust_coefficient <= 0:
+            raise ValueError(f"LARS: need lr >= 0, weight_decay >= 0, 0 <= momentum < 1, trust_coefficient > 0; "
+                             f"got {lr}, {weight_decay}, {momentum}, {trust_coefficient}")
+        defaults = {"lr": lr, "weight_decay": weight_decay, "momentum": momentum,
+                    "trust_coefficient": trust_coefficient}
+        super().__init__(params, defaults)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                d = p.grad
+                if p.ndim > 1:
+                    d = d.add(p, alpha=group["weight_decay"])
+                    p_norm, d_norm = torch.linalg.vector_norm(p), torch.linalg.vector_norm(d)
+                    both = (p_norm > 0) & (d_norm > 0)
+                    # where() picks 1 wherever a norm is 0, so the 0/0 of the other branch never reaches p
+                    d = d * torch.where(both, group["trust_coefficient"] * p_norm / d_norm, torch.ones_like(p_norm))
+                state = self.state[p]
+                if "mu" not in state:
+                    state["mu"] = torch.zeros_like(p)
+                state["mu"].mul_(group["momentum"]).add_(d)
+                p.add_(state["mu"], alpha=-group["lr"])
+        return loss
+
+
+def build_lars(param_groups: list[dict], cfg: LARSConfig, lr: float) -> LARS:
+    return LARS(with_lr_scale(param_groups, lr), lr=lr, weight_decay=cfg.weight_decay, momentum=cfg.momentum,
+                trust_coefficient=cfg.trust_coefficient)

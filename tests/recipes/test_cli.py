@@ -1,8 +1,11 @@
 """The recipe command line: the documented interface, config files, and clear errors before compute."""
 
+import importlib
 from pathlib import Path
 
 import pytest
+
+import models
 
 from recipes.cli import parse_config
 from recipes.mae_prepretrain import Config, main
@@ -32,11 +35,32 @@ def test_dotted_overrides_and_print_config(capsys):
     assert "mask_ratio: 0.6" in capsys.readouterr().out
 
 
+# The recipe a shipped config is for, by the start of its file name (the longest match wins).
+RECIPE_BY_PREFIX = {"mae_": "mae_prepretrain", "maws_mae_": "mae_prepretrain", "swag_": "swag_pretrain",
+                    "finetune_": "finetune", "linear_probe_": "linear_probe", "maws_vit_": "maws"}
+
+
+def _recipe_of(path: Path):
+    prefixes = [p for p in RECIPE_BY_PREFIX if path.name.startswith(p)]
+    assert prefixes, f"{path.name}: name it after its recipe ({', '.join(RECIPE_BY_PREFIX)}...)"
+    return importlib.import_module(f"recipes.{RECIPE_BY_PREFIX[max(prefixes, key=len)]}")
+
+
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
 def test_every_shipped_config_parses(path):
-    cfg, _ = parse_config(Config, ["--config", str(path)])
-    assert cfg.model.name.startswith("mae_vit_") and cfg.trainer.max_steps > 1000
-    assert cfg.optim.blr == 1.5e-4 and cfg.data.image_size == 224
+    recipe = _recipe_of(path)
+    cfg, _ = parse_config(recipe.Config, ["--config", str(path)])
+    stages = [cfg.mae, cfg.swag, cfg.finetune, cfg.linear_probe] if recipe.__name__ == "recipes.maws" else [cfg]
+    for stage in stages:
+        assert stage.model.name in models.list_models(), f"{path.name}: unknown model {stage.model.name}"
+        assert stage.trainer.max_steps > 1000 and stage.data.image_size >= 224
+
+
+def test_shipped_mae_configs_have_the_paper_settings():
+    for path in CONFIGS:
+        if _recipe_of(path).__name__ == "recipes.mae_prepretrain":
+            cfg, _ = parse_config(Config, ["--config", str(path)])
+            assert cfg.model.name.startswith("mae_vit_") and cfg.optim.blr == 1.5e-4, path.name
 
 
 def test_paper_config_has_the_paper_numbers():
