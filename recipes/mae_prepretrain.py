@@ -24,7 +24,7 @@ from datamodules.shards import expand_shards
 from datamodules.synthetic import ensure_synthetic_world
 from datamodules.transforms import eval_transform, mae_train_transform
 from recipes.cli import parse_config, start_run
-from trainers.build import STRATEGIES, LoggingConfig, TrainerConfig, build_trainer, fit_outcome, uses_gpu
+from trainers.build import STRATEGIES, LoggingConfig, TrainerConfig, build_trainer, finished_fit, print_outputs, uses_gpu
 from trainers.callbacks import ImagePanelLogger, ThroughputLogger
 from trainers.export import export_vit_encoder
 from trainers.handoff import load_into
@@ -100,11 +100,8 @@ def main(cfg: Config, config_yaml: str = "") -> dict[str, Path | None]:
         rank_zero_info(f"Initialised the model from {cfg.init_from}")
     trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume) if resume else None)
 
-    outcome = fit_outcome(trainer)
-    if not outcome.finished:  # preempted or stopped by the guard: nothing to export yet
-        rank_zero_info(outcome.message)
-        if outcome.exit_code:
-            raise SystemExit(outcome.exit_code)
+    outcome = finished_fit(trainer)
+    if outcome is None:  # preempted or stopped by the guard: nothing to evaluate or export yet
         return {}
     if not trainer.is_global_zero:
         return {}
@@ -120,10 +117,7 @@ def main(cfg: Config, config_yaml: str = "") -> dict[str, Path | None]:
         "wandb": Path(trainer.loggers[0].experiment.dir).parent,
         "images": panels.last_path,
     }
-    print(f"\n{outcome.message}")
-    for name, path in outputs.items():
-        print(f"  {name:<10} {path}")
-    print(f"  upload the W&B run with: wandb sync {outputs['wandb']}")
+    print_outputs(outcome, outputs)
     return outputs
 
 

@@ -22,7 +22,7 @@ from datamodules.hashtags import (VOCABULARY_FILE, HashtagDataConfig, ensure_voc
 from datamodules.shards import expand_shards
 from datamodules.synthetic import ensure_synthetic_world
 from recipes.cli import parse_config, start_run
-from trainers.build import STRATEGIES, LoggingConfig, TrainerConfig, build_trainer, fit_outcome, uses_gpu
+from trainers.build import STRATEGIES, LoggingConfig, TrainerConfig, build_trainer, finished_fit, print_outputs, uses_gpu
 from trainers.callbacks import ThroughputLogger
 from trainers.checkpoint import find_resume_checkpoint
 from trainers.handoff import init_backbone, load_into
@@ -111,11 +111,8 @@ def main(cfg: Config, config_yaml: str = "") -> dict:
         rank_zero_info("\n  ".join([f"Initialised the backbone from {cfg.init_from}:", *report]))
     trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume) if resume else None)
 
-    outcome = fit_outcome(trainer)
-    if not outcome.finished:  # preempted or stopped by the guard: nothing to export yet
-        rank_zero_info(outcome.message)
-        if outcome.exit_code:
-            raise SystemExit(outcome.exit_code)
+    outcome = finished_fit(trainer)
+    if outcome is None:  # preempted or stopped by the guard: nothing to evaluate or export yet
         return {}
     metrics = trainer.validate(module, datamodule=datamodule, verbose=False)[0] if d.val_shards else {}
     if not trainer.is_global_zero:
@@ -132,10 +129,7 @@ def main(cfg: Config, config_yaml: str = "") -> dict:
         **{name: metrics.get(f"val/{name}") for name in ("precision@1", "precision@5", "zero_shot_top1")},
         "wandb": Path(trainer.loggers[0].experiment.dir).parent,
     }
-    print(f"\n{outcome.message}")
-    for name, value in outputs.items():
-        print(f"  {name:<14} {f'{value:.4f}' if isinstance(value, float) else value}")
-    print(f"  upload the W&B run with: wandb sync {outputs['wandb']}")
+    print_outputs(outcome, outputs)
     return outputs
 
 

@@ -10,6 +10,7 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.utilities import rank_zero_info
 
 from trainers.callbacks import DestroyProcessGroup, StepCheckpoint
 from trainers.checkpoint import CHECKPOINT_DIR, AtomicCheckpointIO
@@ -201,6 +202,26 @@ class FitOutcome:
     message: str
     exit_code: int
     """What the process should exit with: 0 when finished or stopped for preemption, 1 when the guard stopped it."""
+
+
+def finished_fit(trainer: L.Trainer) -> FitOutcome | None:
+    """The outcome of a ``fit`` that reached its end, or None when it stopped early: then the reason is logged,
+    and the process exits 1 when the non-finite guard stopped it. Either way there is nothing to export yet."""
+    outcome = fit_outcome(trainer)
+    if outcome.finished:
+        return outcome
+    rank_zero_info(outcome.message)
+    if outcome.exit_code:
+        raise SystemExit(outcome.exit_code)
+    return None
+
+
+def print_outputs(outcome: FitOutcome, outputs: dict) -> None:
+    """How every recipe ends: why it stopped and where everything is."""
+    print(f"\n{outcome.message}")
+    for name, value in outputs.items():
+        print(f"  {name:<14} {value}")
+    print(f"  upload the W&B run with: wandb sync {outputs['wandb']}")
 
 
 def fit_outcome(trainer: L.Trainer) -> FitOutcome:

@@ -14,7 +14,6 @@ from pathlib import Path
 import lightning as L
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.utilities import rank_zero_info
 from timm.data import Mixup
 from timm.data.random_erasing import RandomErasing
 from timm.layers import trunc_normal_
@@ -24,7 +23,7 @@ from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
 import models
-from trainers.build import fit_outcome
+from trainers.build import finished_fit, print_outputs
 from trainers.export import export_model
 from trainers.handoff import classifier_name, init_backbone
 from trainers.optim import (LARSConfig, OptimConfig, build_adamw, build_lars, build_warmup_cosine,
@@ -188,11 +187,8 @@ def evaluate_and_export(trainer: L.Trainer, module: L.LightningModule, datamodul
                         networks: Callable[[Path], dict]) -> dict:
     """After fit: evaluate (every rank), then on rank 0 export ``networks(checkpoint)`` (output name -> network)
     and print where everything is."""
-    outcome = fit_outcome(trainer)
-    if not outcome.finished:  # preempted or stopped by the guard: nothing to evaluate or export yet
-        rank_zero_info(outcome.message)
-        if outcome.exit_code:
-            raise SystemExit(outcome.exit_code)
+    outcome = finished_fit(trainer)
+    if outcome is None:  # preempted or stopped by the guard: nothing to evaluate or export yet
         return {}
     results = trainer.validate(module, datamodule=datamodule, verbose=False)
     if not trainer.is_global_zero:
@@ -208,10 +204,7 @@ def evaluate_and_export(trainer: L.Trainer, module: L.LightningModule, datamodul
     experiment = trainer.loggers[0].experiment
     outputs["wandb"] = Path(experiment.dir).parent
     experiment.finish()  # a next recipe in this process must open its own W&B run, not append to this one
-    print(f"\n{outcome.message}")
-    for name, value in outputs.items():
-        print(f"  {name:<10} {value}")
-    print(f"  upload the W&B run with: wandb sync {outputs['wandb']}")
+    print_outputs(outcome, outputs)
     return outputs
 
 

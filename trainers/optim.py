@@ -8,16 +8,14 @@ from torch import nn
 
 
 @dataclass
-class OptimConfig:
+class ScheduleConfig:
+    """The learning rate and its warmup + cosine schedule, shared by every optimizer's config."""
+
     blr: float = 1e-3
     """Base learning rate. The actual rate is blr * effective_batch / 256 (MAE's linear scaling rule).
     1e-3 is the reference code's default; the paper's recipes use 1.5e-4 (recipes/configs)."""
     lr: float | None = None
     """Absolute learning rate; when set it replaces the rate derived from blr."""
-    weight_decay: float = 0.05
-    """AdamW weight decay. Biases, norms and other 1-D parameters never decay."""
-    betas: tuple[float, float] = (0.9, 0.95)
-    """AdamW betas; MAE pretraining uses beta2 = 0.95."""
     warmup_steps: int = 50
     """Linear warmup from 0, in optimizer steps (MAE: 40 epochs of 800)."""
     min_lr: float = 0.0
@@ -28,6 +26,14 @@ class OptimConfig:
             raise ValueError(f"optim.warmup_steps must be >= 0, got {self.warmup_steps}")
         if self.lr is None and self.blr <= 0:
             raise ValueError(f"optim.blr must be > 0, got {self.blr}")
+
+
+@dataclass
+class OptimConfig(ScheduleConfig):
+    weight_decay: float = 0.05
+    """AdamW weight decay. Biases, norms and other 1-D parameters never decay."""
+    betas: tuple[float, float] = (0.9, 0.95)
+    """AdamW betas; MAE pretraining uses beta2 = 0.95."""
 
 
 def effective_batch(batch_per_device: int, accumulate_grad_batches: int, world_size: int) -> int:
@@ -147,27 +153,20 @@ def param_groups_layer_decay(model: nn.Module, weight_decay: float, layer_decay:
 # ---- linear probing: LARS ---------------------------------------------------------------------------------
 
 @dataclass
-class LARSConfig:
+class LARSConfig(ScheduleConfig):
     blr: float = 0.1
     """Base learning rate; the actual rate is blr * effective_batch / 256 (MAE linear probe: 0.1, so 6.4 at 16384)."""
-    lr: float | None = None
-    """Absolute learning rate; when set it replaces the rate derived from blr."""
+    warmup_steps: int = 10
+    """Linear warmup from 0, in optimizer steps (MAE: 10 epochs of 90)."""
     weight_decay: float = 0.0
     """Weight decay, applied (inside the trust ratio) to parameters with more than one dimension only."""
     momentum: float = 0.9
     """Momentum of the update buffer."""
     trust_coefficient: float = 0.001
     """LARS trust coefficient: a >1-D parameter's update is scaled by trust * ||p|| / ||grad + wd * p||."""
-    warmup_steps: int = 10
-    """Linear warmup from 0, in optimizer steps (MAE: 10 epochs of 90)."""
-    min_lr: float = 0.0
-    """Floor of the half-cycle cosine decay."""
 
     def __post_init__(self):
-        if self.warmup_steps < 0:
-            raise ValueError(f"optim.warmup_steps must be >= 0, got {self.warmup_steps}")
-        if self.lr is None and self.blr <= 0:
-            raise ValueError(f"optim.blr must be > 0, got {self.blr}")
+        super().__post_init__()
         if not 0.0 <= self.momentum < 1.0:
             raise ValueError(f"optim.momentum must be in [0, 1), got {self.momentum}")
 
