@@ -19,7 +19,7 @@ from .shards import check_finite_shards, expand_shards
 from .streams import CorruptDataError, FiniteShardStream, ResampledShardStream, ShardLoader
 from .transforms import normalize_on_device
 
-__all__ = ["CorruptDataError", "DataConfig", "ShardedDataModule"]
+__all__ = ["CorruptDataError", "DataConfig", "ShardedDataModule", "resolve_shards"]
 
 
 @dataclass
@@ -63,6 +63,18 @@ class DataConfig:
                 f"DataConfig.max_corrupt_fraction must be in [0, 1), got {self.max_corrupt_fraction} "
                 "(--data.max_corrupt_fraction)"
             )
+
+
+def resolve_shards(cfg: DataConfig) -> list[list[str]]:
+    """Fill in the built-in synthetic world (built once and cached) when no training shards are given, and
+    expand every spec: a spec that matches nothing fails here, named, before any model or Trainer is built.
+    Returns the expanded training and (if any) validation shard lists."""
+    if cfg.train_shards is None:
+        from .synthetic import ensure_synthetic_world  # lazy: rendering tools are only needed for the default
+
+        world = ensure_synthetic_world()
+        cfg.train_shards, cfg.val_shards = world.train_shards, cfg.val_shards or world.val_shards
+    return [expand_shards(spec) for spec in (cfg.train_shards, cfg.val_shards) if spec]
 
 
 # ----------------------------------------------------------------------------------------------------

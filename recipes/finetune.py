@@ -22,9 +22,8 @@ from lightning.fabric.utilities.throughput import get_available_flops
 from lightning.pytorch.utilities import rank_zero_info
 
 from datamodules import IMAGENET_MEAN, IMAGENET_STD
-from datamodules.sharded import DataConfig, ShardedDataModule
-from datamodules.shards import expand_shards
-from datamodules.synthetic import CLASS_NAMES, ensure_synthetic_world
+from datamodules.sharded import DataConfig, ShardedDataModule, resolve_shards
+from datamodules.synthetic import CLASS_NAMES
 from datamodules.transforms import eval_transform, finetune_train_transform
 from recipes.cli import parse_config, start_run
 from trainers.build import STRATEGIES, LoggingConfig, TrainerConfig, build_trainer, uses_gpu
@@ -85,10 +84,7 @@ class Config:
 def prepare_data(data: ClassificationDataConfig) -> int:
     """Fill in the synthetic world when no shards are given, check the specs; returns the number of classes."""
     synthetic = data.train_shards is None
-    if synthetic:  # the built-in synthetic world, built once and cached
-        world = ensure_synthetic_world()
-        data.train_shards, data.val_shards = world.train_shards, data.val_shards or world.val_shards
-    shards = [expand_shards(spec) for spec in (data.train_shards, data.val_shards) if spec]  # names a bad spec
+    shards = resolve_shards(data)
     if data.num_classes is not None or synthetic:
         return data.num_classes or len(CLASS_NAMES)
     classes = shards[0][0].rsplit("/", 1)[0] + "/classes.json"

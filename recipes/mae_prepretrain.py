@@ -19,9 +19,7 @@ from lightning.pytorch.utilities import rank_zero_info
 
 import models
 from datamodules import IMAGENET_MEAN, IMAGENET_STD
-from datamodules.sharded import DataConfig, ShardedDataModule
-from datamodules.shards import expand_shards
-from datamodules.synthetic import ensure_synthetic_world
+from datamodules.sharded import DataConfig, ShardedDataModule, resolve_shards
 from datamodules.transforms import eval_transform, mae_train_transform
 from recipes.cli import parse_config, start_run
 from trainers.build import STRATEGIES, LoggingConfig, TrainerConfig, build_trainer, finished_fit, print_outputs, uses_gpu
@@ -63,13 +61,7 @@ def main(cfg: Config, config_yaml: str = "") -> dict[str, Path | None]:
     with torch.device("meta"):
         flops_per_sample = 3 * models.create(**model_kwargs).complexity().flops  # forward + backward
 
-    if cfg.data.train_shards is None:  # the built-in synthetic world, built once and cached
-        world = ensure_synthetic_world()
-        cfg.data.train_shards = world.train_shards
-        cfg.data.val_shards = cfg.data.val_shards or world.val_shards
-    for spec in (cfg.data.train_shards, cfg.data.val_shards):
-        if spec:
-            expand_shards(spec)  # fails here, with the spec named, if nothing matches
+    resolve_shards(cfg.data)  # the synthetic world unless shards are given; a spec matching nothing fails here
     datamodule = ShardedDataModule(cfg.data, mae_train_transform(cfg.data.image_size),
                                    eval_transform(cfg.data.image_size), seed=cfg.seed,
                                    mean=IMAGENET_MEAN, std=IMAGENET_STD)

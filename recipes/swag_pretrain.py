@@ -19,8 +19,7 @@ from lightning.pytorch.utilities import rank_zero_info
 import models
 from datamodules.hashtags import (VOCABULARY_FILE, HashtagDataConfig, ensure_vocabulary, hashtag_datamodule,
                                   zero_shot_class_map)
-from datamodules.shards import expand_shards
-from datamodules.synthetic import ensure_synthetic_world
+from datamodules.sharded import resolve_shards
 from recipes.cli import parse_config, start_run
 from trainers.build import STRATEGIES, LoggingConfig, TrainerConfig, build_trainer, finished_fit, print_outputs, uses_gpu
 from trainers.callbacks import ThroughputLogger
@@ -71,13 +70,7 @@ def main(cfg: Config, config_yaml: str = "") -> dict:
     with torch.device("meta"):
         models.create(**model_kwargs, num_classes=1)  # a typo fails before any data or compute
 
-    if cfg.data.train_shards is None:  # the built-in synthetic world, built once and cached
-        world = ensure_synthetic_world()
-        cfg.data.train_shards = world.train_shards
-        cfg.data.val_shards = cfg.data.val_shards or world.val_shards
-    for spec in (cfg.data.train_shards, cfg.data.val_shards):
-        if spec:
-            expand_shards(spec)  # fails here, with the spec named, if nothing matches
+    resolve_shards(cfg.data)  # the synthetic world unless shards are given; a spec matching nothing fails here
 
     peak = get_available_flops(torch.device("cuda"), torch.bfloat16) if uses_gpu(cfg.trainer) else None
     throughput = ThroughputLogger(cfg.data.batch_size, cfg.trainer.log_every_n_steps, None, peak)
