@@ -42,11 +42,11 @@ def parse_config(config_cls: type[C], argv: list[str] | None = None, prog: str |
     _show_project_logs()
     try:
         built = parser.instantiate(namespace)
+        config = config_cls(**{f.name: built[f.name] for f in fields(config_cls)})
     except (ValueError, TypeError) as err:
         parser.error(str(err))
-    values = {f.name: built[f.name] for f in fields(config_cls)}
     namespace.pop("config", None)
-    return config_cls(**values), parser.dump(namespace)
+    return config, parser.dump(namespace)
 
 
 def save_config(yaml_text: str, run_dir: Path) -> Path:

@@ -20,9 +20,9 @@ from timm.layers import trunc_normal_
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.utils import ModelEmaV3
 from torch import nn
-from torchmetrics.classification import MulticlassAccuracy
 
 import models
+from evaluation.classification import TopKAccuracy
 from trainers.build import finished_fit, print_outputs
 from trainers.export import export_model
 from trainers.handoff import classifier_name, init_backbone
@@ -144,25 +144,6 @@ def classifier_kwargs(name: str, num_classes: int, img_size: int, global_pool: s
 
 # ---- shared pieces -------------------------------------------------------------------------------------------
 
-class _Accuracy(nn.Module):
-    """Top-1 and top-5 accuracy in percent over a validation pass, summed over ranks (torchmetrics)."""
-
-    def __init__(self, num_classes: int):
-        super().__init__()
-        self.top1 = MulticlassAccuracy(num_classes, top_k=1, average="micro")
-        self.top5 = MulticlassAccuracy(num_classes, top_k=min(5, num_classes), average="micro")
-
-    def update(self, logits: torch.Tensor, labels: torch.Tensor) -> None:
-        self.top1.update(logits.float(), labels)
-        self.top5.update(logits.float(), labels)
-
-    def compute_and_reset(self) -> dict[str, torch.Tensor]:
-        out = {"top1": 100 * self.top1.compute(), "top5": 100 * self.top5.compute()}
-        self.top1.reset()
-        self.top5.reset()
-        return out
-
-
 def _check_labels(labels: torch.Tensor, num_classes: int) -> None:
     lo, hi = int(labels.min()), int(labels.max())  # one sync, on the first batch only
     if lo < 0 or hi >= num_classes:
@@ -245,8 +226,8 @@ class ImageClassification(L.LightningModule):
         if self.ema_cfg.enabled:
             self.ema = ModelEmaV3(self.model, decay=self.ema_cfg.decay)
             self.ema.requires_grad_(False)  # a DDP/optimizer bystander: its weights move by update() only
-        self.accuracy = _Accuracy(self.num_classes)
-        self.ema_accuracy = _Accuracy(self.num_classes) if self.ema is not None else None
+        self.accuracy = TopKAccuracy(self.num_classes)
+        self.ema_accuracy = TopKAccuracy(self.num_classes) if self.ema is not None else None
         self.flops_per_sample = _flops_per_sample(self.model)
         self._ema_seen_step = 0
         self._labels_checked = False
@@ -345,7 +326,7 @@ class LinearProbe(L.LightningModule):
         self.head = nn.Sequential(nn.BatchNorm1d(dim, affine=False, eps=1e-6), nn.Linear(dim, num_classes))
         trunc_normal_(self.head[1].weight, std=0.01)
         nn.init.zeros_(self.head[1].bias)
-        self.accuracy = _Accuracy(num_classes)
+        self.accuracy = TopKAccuracy(num_classes)
         self.flops_per_sample = _flops_per_sample(self.model)  # x3 overcounts: no backward through the backbone
         self._labels_checked = False
 

@@ -14,13 +14,12 @@ def prism_cache(tmp_path_factory):
     return tmp_path_factory.mktemp("prism-cache")
 
 
-@pytest.fixture
-def run_recipe(prism_cache):
+def _recipe_runner(prism_cache: Path):
     """Runs ``python -m <module> <args>`` as a user would; returns the completed process."""
 
     def run(module: str, *args: str, check: bool = True, timeout: int = 300) -> subprocess.CompletedProcess:
-        env = {**os.environ, "PRISM_CACHE": str(prism_cache), "WANDB_MODE": "offline", "PYTHONUNBUFFERED": "1"}
-        env = {k: v for k, v in env.items() if not k.startswith("SLURM_")}
+        env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+        env.update(PRISM_CACHE=str(prism_cache), WANDB_MODE="offline", WANDB_SILENT="true", PYTHONUNBUFFERED="1")
         try:
             proc = subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, env=env, capture_output=True,
                                   text=True, timeout=timeout)
@@ -32,3 +31,14 @@ def run_recipe(prism_cache):
         return proc
 
     return run
+
+
+@pytest.fixture
+def run_recipe(prism_cache):
+    return _recipe_runner(prism_cache)
+
+
+@pytest.fixture(scope="module")
+def run_recipe_module(prism_cache):
+    """``run_recipe`` for module-scoped fixtures."""
+    return _recipe_runner(prism_cache)

@@ -1,10 +1,8 @@
 """Stage handoff end to end: MAE pretraining -> fine-tuning at another resolution -> linear probe of that run."""
 
 import json
-import os
 import re
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -58,21 +56,6 @@ def finetuned(run_recipe_module, shards, runs) -> subprocess.CompletedProcess:
                       "--logging.image_every_n_steps", "0", *shards, *COMMON)
     return run_recipe_module("recipes.finetune", "--run_dir", str(runs / "ft"), "--init_from", str(runs / "mae"),
                              "--data.image_size", "48", *shards, *COMMON)
-
-
-@pytest.fixture(scope="module")
-def run_recipe_module(prism_cache):
-    """``run_recipe`` for module-scoped fixtures (the conftest one is function-scoped)."""
-
-    def run(module: str, *args: str) -> subprocess.CompletedProcess:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
-        env.update(PRISM_CACHE=str(prism_cache), WANDB_MODE="offline", WANDB_SILENT="true", PYTHONUNBUFFERED="1")
-        proc = subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, env=env, capture_output=True,
-                              text=True, timeout=180)
-        assert proc.returncode == 0, f"{module} exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
-        return proc
-
-    return run
 
 
 @pytest.mark.slow

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from timm.loss import SoftTargetCrossEntropy
 
 from trainers.classification import (AugmentConfig, EMAConfig, FinetuneOptimConfig, ImageClassification, LinearProbe,
-                                     _Accuracy, classifier_kwargs)
+                                     classifier_kwargs)
 from trainers.export import export_model
 from trainers.optim import LARS, LARSConfig
 
@@ -80,17 +80,6 @@ def test_ema_averages_after_each_optimizer_step_copies_in_warmup_and_is_checkpoi
         warm.model.head.weight.add_(1.0)
     warm.on_train_batch_end(None, None, 0)
     assert torch.equal(warm.ema.module.head.weight, warm.model.head.weight)
-
-
-def test_top1_top5_in_percent():
-    accuracy = _Accuracy(6)
-    logits = torch.tensor([[9., 8, 7, 6, 5, 0],    # label 0: top-1
-                           [9., 8, 7, 6, 5, 0],    # label 4: 5th best, top-5 only
-                           [9., 8, 7, 6, 5, 0],    # label 5: neither
-                           [0., 1, 9, 2, 3, 4]])   # label 2: top-1
-    accuracy.update(logits[:2], torch.tensor([0, 4]))
-    accuracy.update(logits[2:], torch.tensor([5, 2]))
-    assert {k: v.item() for k, v in accuracy.compute_and_reset().items()} == {"top1": 50.0, "top5": 75.0}
 
 
 def test_adamw_over_layer_decay_groups():
