@@ -13,7 +13,11 @@ from __future__ import annotations
 
 import json
 import zlib
-from collections.abc import Callable, Sequence
+from collections import deque
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import nullcontext
+from multiprocessing import get_context
+from multiprocessing.pool import Pool
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -84,10 +88,27 @@ def corruption_rng(seed: int, name: str, severity: int) -> np.random.Generator:
     return np.random.default_rng([seed, zlib.crc32(name.encode()), severity])
 
 
-def corrupt_images(images: np.ndarray, name: str, severity: int, rng: np.random.Generator) -> np.ndarray:
-    """Each image of (N, H, W, 3) uint8 with its own draw of ``name`` at ``severity``, drawn in order."""
+def corrupt_images(images: np.ndarray, name: str, params: Sequence[Mapping]) -> np.ndarray:
+    """Each image of (N, H, W, 3) uint8 under ``name`` with its own parameters ``params[i]``."""
     corruption = get_corruption(name)
-    return np.stack([corruption.apply(image, corruption.sample_parameters(severity, rng)) for image in images])
+    return np.stack([corruption.apply(image, p) for image, p in zip(images, params, strict=True)])
+
+
+def _corrupted_batches(images: np.ndarray, name: str, params: list, batch_size: int, pool: Pool | None,
+                       ahead: int) -> Iterator[np.ndarray]:
+    """Corrupted batches in order; with a pool, up to ``ahead`` batches are prepared ahead of the model, which
+    bounds memory to a few batches whatever the speed of either side."""
+    jobs = ((images[i:i + batch_size], name, params[i:i + batch_size]) for i in range(0, len(images), batch_size))
+    if pool is None:
+        yield from (corrupt_images(*job) for job in jobs)
+        return
+    pending: deque = deque()
+    for job in jobs:
+        pending.append(pool.apply_async(corrupt_images, job))
+        if len(pending) > ahead:
+            yield pending.popleft().get()
+    while pending:
+        yield pending.popleft().get()
 
 
 def top1_errors(classify: Classifier, images: np.ndarray, labels: np.ndarray, batch_size: int) -> int:
@@ -100,9 +121,13 @@ def top1_errors(classify: Classifier, images: np.ndarray, labels: np.ndarray, ba
 
 def evaluate_robustness(classify: Classifier, images: np.ndarray, labels: np.ndarray, corruptions: Sequence[str],
                         severities: Sequence[int] = SEVERITIES, *, seed: int = 0, batch_size: int = 64,
-                        progress: bool = True) -> RobustnessResult:
+                        workers: int = 0, progress: bool = True) -> RobustnessResult:
     """Top-1 error (percent) of ``classify`` on ``images`` (uint8 (N, H, W, 3)) clean and under every
-    corruption x severity. Images are corrupted one batch at a time, so memory stays at one batch."""
+    corruption x severity.
+
+    The parameters are drawn in this process, in image order, so the result does not depend on ``workers``:
+    the number of processes that apply the corruptions while the model runs (0: this process, in turn).
+    """
     if len(images) != len(labels) or len(images) == 0:
         raise ValueError(f"evaluate_robustness: {len(images)} images and {len(labels)} labels; need the same, > 0")
     if (labels < 0).any():
@@ -111,12 +136,15 @@ def evaluate_robustness(classify: Classifier, images: np.ndarray, labels: np.nda
     n = len(images)
     result = RobustnessResult(100.0 * top1_errors(classify, images, labels, batch_size) / n, num_images=n)
     sweeps = [(c, s) for c in corruption_list for s in severities]
-    for corruption, severity in tqdm(sweeps, desc="corruptions x severities", disable=not progress):
-        rng = corruption_rng(seed, corruption.name, severity)
-        wrong = 0
-        for i in range(0, n, batch_size):
-            batch = corrupt_images(images[i:i + batch_size], corruption.name, severity, rng)
-            wrong += top1_errors(classify, batch, labels[i:i + batch_size], batch_size)
-        result.errors.setdefault(corruption.name, {})[severity] = 100.0 * wrong / n
-        result.families[corruption.name] = corruption.family
+    # forkserver: workers must not inherit the parent's threads (torch, a CUDA context)
+    with (get_context("forkserver").Pool(workers) if workers > 0 else nullcontext()) as pool:
+        for corruption, severity in tqdm(sweeps, desc="corruptions x severities", disable=not progress):
+            rng = corruption_rng(seed, corruption.name, severity)
+            params = [corruption.sample_parameters(severity, rng) for _ in range(n)]
+            wrong = 0
+            for i, batch in zip(range(0, n, batch_size),
+                                _corrupted_batches(images, corruption.name, params, batch_size, pool, 2 * workers)):
+                wrong += top1_errors(classify, batch, labels[i:i + batch_size], batch_size)
+            result.errors.setdefault(corruption.name, {})[severity] = 100.0 * wrong / n
+            result.families[corruption.name] = corruption.family
     return result

@@ -8,6 +8,7 @@ frozen pre-logits features of training images (evaluation/linear_head.py).
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -67,6 +68,12 @@ class EvalModel:
         with self.autocast:
             return self.network(self._inputs(images)).float()
 
+    def corruption_workers(self, requested: int | None) -> int:
+        """--data.num_workers, with None resolved for this model's device."""
+        if requested is not None:
+            return requested
+        return 0 if self.device.type == "cpu" else min(8, max(1, (os.cpu_count() or 2) - 1))
+
     def features_of(self, images: np.ndarray, batch_size: int) -> Tensor:
         return torch.cat([self.features(images[i:i + batch_size]) for i in range(0, len(images), batch_size)])
 
@@ -122,12 +129,18 @@ class EvalDataConfig:
     """Classes of the labels; None: classes.json next to the train shards, or 10 for the synthetic world."""
     eval_images: int | None = 128
     """Evaluate the first N images of val_shards (None: all; ImageNet-C uses the 50,000 of IN-1k val)."""
+    num_workers: int | None = None
+    """Processes that corrupt images while the model runs (0: in turn, in this process). None: 0 when the model
+    runs on the CPU (both would share the same cores), else one per CPU core up to 8. Results do not depend on
+    it: the corruption parameters are drawn in this process."""
 
     def __post_init__(self):
         for name in ("image_size", "eval_images", "num_classes"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"--data.{name} must be >= 1, got {value}")
+        if self.num_workers is not None and self.num_workers < 0:
+            raise ValueError(f"--data.num_workers must be >= 0, got {self.num_workers}")
 
 
 def prepare_eval_data(data: EvalDataConfig) -> tuple[int, list[str], list[str]]:

@@ -20,7 +20,7 @@ from pathlib import Path
 import lightning as L
 
 from datamodules.image_sets import load_image_set
-from evaluation.corruptions import IMAGENET_C, IMAGENET_C_BAR, SEVERITIES
+from evaluation.corruptions import IMAGENET_C, IMAGENET_C_BAR, SEVERITIES, get_corruption
 from evaluation.robustness import RobustnessResult, evaluate_robustness
 from recipes.cli import parse_config, save_config
 from recipes.eval_model import EvalDataConfig, EvalModelConfig, load_eval_model, parse_names, prepare_eval_data
@@ -54,15 +54,18 @@ class Config:
 def main(cfg: Config, config_yaml: str = "") -> RobustnessResult:
     run_dir = Path(cfg.run_dir).resolve()
     L.seed_everything(cfg.seed, verbose=False)
-    names = parse_names(cfg.corruptions, FAMILIES)  # unknown names fail in evaluate_robustness, before any work
+    names = parse_names(cfg.corruptions, FAMILIES)
+    for name in names:
+        get_corruption(name)  # an unknown name fails now, before the model loads
     num_classes, train_shards, val_shards = prepare_eval_data(cfg.data)
     model = load_eval_model(cfg.init_from, cfg.model, num_classes, cfg.data.image_size, train_shards)
     images = load_image_set(val_shards, cfg.data.image_size, cfg.data.eval_images, desc="evaluation images")
+    workers = model.corruption_workers(cfg.data.num_workers)
     print(f"Evaluating {cfg.init_from} on {len(images)} images at {cfg.data.image_size}px: {len(names)} corruptions "
-          f"x severities {cfg.severities} ({model.device})")
+          f"x severities {cfg.severities} (model on {model.device}, {workers} corruption worker processes)")
     started = time.perf_counter()
-    result = evaluate_robustness(lambda x: model.classify(x), images.images, images.labels, names, cfg.severities,
-                                 seed=cfg.seed, batch_size=cfg.model.batch_size)
+    result = evaluate_robustness(model.classify, images.images, images.labels, names, cfg.severities,
+                                 seed=cfg.seed, batch_size=cfg.model.batch_size, workers=workers)
     run_dir.mkdir(parents=True, exist_ok=True)
     save_config(config_yaml, run_dir)
     (run_dir / "robustness.json").write_text(result.to_json())

@@ -76,24 +76,24 @@ def main(cfg: Config, config_yaml: str = "") -> dict:
     num_classes, train_shards, val_shards = prepare_eval_data(cfg.data)
     model = load_eval_model(cfg.init_from, cfg.model, num_classes, cfg.data.image_size, train_shards)
     fixed = load_image_set(train_shards, cfg.data.image_size, cfg.images, desc="the fixed image set").images
-    extract = lambda x: model.features(x)  # noqa: E731
     rng = np.random.default_rng(cfg.seed)
     started = time.perf_counter()
 
     with tqdm(total=cfg.augmentation_samples + cfg.corruption_samples * len(names), desc="transform features") as bar:
-        augmented = transform_features(extract, fixed, augmentation, cfg.augmentation_samples, rng,
+        augmented = transform_features(model.features, fixed, augmentation, cfg.augmentation_samples, rng,
                                        cfg.model.batch_size, bar.update)
         table = {}
         for name, corruption in corruptions.items():
-            corrupted = transform_features(extract, fixed, corruption, cfg.corruption_samples, rng,
+            corrupted = transform_features(model.features, fixed, corruption, cfg.corruption_samples, rng,
                                            cfg.model.batch_size, bar.update)
             table[name] = {"family": corruption.corruption.family,
                            "msd": minimal_sample_distance(augmented, corrupted),
                            "distance_of_means": distance_of_means(augmented, corrupted)}
     if errors is None:
         images = load_image_set(val_shards, cfg.data.image_size, cfg.data.eval_images, desc="evaluation images")
-        measured = evaluate_robustness(lambda x: model.classify(x), images.images, images.labels, names,
-                                       seed=cfg.seed, batch_size=cfg.model.batch_size)
+        measured = evaluate_robustness(model.classify, images.images, images.labels, names,
+                                       seed=cfg.seed, batch_size=cfg.model.batch_size,
+                                       workers=model.corruption_workers(cfg.data.num_workers))
         errors = measured.per_corruption()
     for name in names:
         table[name]["error"] = errors[name]

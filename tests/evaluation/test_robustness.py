@@ -62,3 +62,21 @@ def test_bad_input_is_explained():
         evaluate_robustness(lambda x: torch.zeros(len(x), 2), images, labels, ["gausian_noise"], progress=False)
     with pytest.raises(ValueError, match="no label"):
         evaluate_robustness(lambda x: torch.zeros(len(x), 2), images, -np.ones(2, int), ["fog"], progress=False)
+
+
+def test_worker_processes_change_nothing_but_speed():
+    images, labels = _images(10)
+    runs = {}
+    for workers in (0, 2):
+        seen = []
+
+        def record(x):
+            seen.append(x.copy())
+            return torch.from_numpy(x[:, 0, 0, :2].astype(np.float32))  # a classifier that depends on the pixels
+
+        result = evaluate_robustness(record, images, labels, ["shot_noise", "plasma_noise"], (1, 4), seed=3,
+                                     batch_size=3, workers=workers, progress=False)
+        runs[workers] = (result, seen)
+    assert runs[0][0] == runs[2][0]
+    assert len(runs[0][1]) == len(runs[2][1]) == 4 * 4 + 4  # clean pass + 4 sweeps, 4 batches each
+    assert all(np.array_equal(a, b) for a, b in zip(runs[0][1], runs[2][1]))

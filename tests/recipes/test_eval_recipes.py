@@ -15,7 +15,7 @@ from evaluation.robustness import RobustnessResult
 from recipes.eval_model import EvalModelConfig, load_eval_model
 
 TINY = ["--data.image_size", "32", "--data.eval_images", "12", "--model.head_fit_images", "40",
-        "--model.batch_size", "16"]
+        "--model.batch_size", "16", "--data.num_workers", "1"]  # one corruption process: the pool path
 
 
 @pytest.fixture(scope="module")
@@ -88,3 +88,6 @@ def test_bad_flags_are_refused_before_any_work(run_recipe_module, tmp_path):
     assert proc.returncode == 2 and "--severities" in proc.stderr
     proc = run_recipe_module("recipes.msd", "--init_from", str(tmp_path), "--augmentation", "mixup", check=False)
     assert proc.returncode != 0 and "unknown augmentation policy" in proc.stderr
+    proc = run_recipe_module("recipes.eval_robustness", "--init_from", str(tmp_path), "--corruptions", "fogg",
+                             check=False)
+    assert proc.returncode != 0 and "Did you mean fog" in proc.stderr and "loaded" not in proc.stderr
