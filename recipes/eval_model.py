@@ -99,8 +99,8 @@ def load_eval_model(init_from: str, cfg: EvalModelConfig, num_classes: int, imag
     lines = init_backbone(network, init_from)
     for line in lines:
         rank_zero_info(line)
-    device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
-                          "cpu" if cfg.device == "auto" else cfg.device)
+    auto = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(auto if cfg.device == "auto" else cfg.device)
     model = EvalModel(network, device)
     # init_backbone reports a head it had to create: the source has no classifier for these classes.
     if any(line.startswith("head: new") for line in lines):
