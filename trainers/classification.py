@@ -240,7 +240,9 @@ class ImageClassification(L.LightningModule):
             lines.append("EMA: starts from the same weights")
         return lines
 
-    def training_step(self, batch, batch_idx):
+    def compute_loss(self, batch) -> torch.Tensor:
+        """The training loss of a batch (random erasing and mixup included), without logging: what a plain
+        PyTorch loop calls (recipes/benchmark.py). The EMA update stays in on_train_batch_end."""
         images, labels = batch["image"], batch["label"]
         if not self._labels_checked:
             _check_labels(labels, self.num_classes)
@@ -254,7 +256,10 @@ class ImageClassification(L.LightningModule):
                 raise ValueError(f"Mixup/CutMix pairs images within a batch and needs an even batch size; got "
                                  f"{len(images)}. Use an even --data.batch_size.")
             images, targets = self.mixup(images, labels)
-        loss = self.criterion(self.model(images), targets)
+        return self.criterion(self.model(images), targets)
+
+    def training_step(self, batch, batch_idx):
+        loss = self.compute_loss(batch)
         self.log("train/loss", loss, prog_bar=True)
         return loss
 

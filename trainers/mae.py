@@ -44,8 +44,13 @@ class MAEPretraining(L.LightningModule):
         self.optim_cfg = OptimConfig(**optim)
         self.flops_per_sample = 3 * self.model.complexity().flops  # forward + backward
 
-    def training_step(self, batch, batch_idx):
+    def compute_loss(self, batch) -> torch.Tensor:
+        """The training loss of a batch, without logging: what a plain PyTorch loop calls (recipes/benchmark.py)."""
         loss, _, _ = self.model(batch["image"])
+        return loss
+
+    def training_step(self, batch, batch_idx):
+        loss = self.compute_loss(batch)
         self.log("train/loss", loss, prog_bar=True)
         return loss
 

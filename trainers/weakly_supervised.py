@@ -96,6 +96,7 @@ class WeaklySupervisedPretraining(L.LightningModule):
         self.register_buffer("hashtag_prior", prior.clone())
         self.flops_per_sample = 3 * self.model.complexity().flops  # forward + backward
         self.num_params = sum(p.numel() for p in self.model.parameters())
+        self.tagged_fraction = 0.0  # of the last training batch, set by compute_loss
         # Weighted means (untagged samples weigh 0). Keep nan_strategy at its default: torchmetrics 1.9's
         # "disable" drops the weights.
         self.val_precision = nn.ModuleDict({f"at{k}": MeanMetric() for k in (1, 5)})
@@ -132,11 +133,17 @@ class WeaklySupervisedPretraining(L.LightningModule):
         target[index[0], index[1]] = value
         return target, num_tagged
 
-    def training_step(self, batch, batch_idx):
+    def compute_loss(self, batch) -> Tensor:
+        """The training loss of a batch, without logging: what a plain PyTorch loop calls (recipes/benchmark.py).
+        The batch's fraction of tagged samples is left in ``self.tagged_fraction`` (a host float) for the log."""
         target, num_tagged = self.hashtag_targets(batch["hashtags"])
-        loss = hashtag_loss(self.model(batch["image"]), target, num_tagged)
+        self.tagged_fraction = num_tagged / max(1, len(target))
+        return hashtag_loss(self.model(batch["image"]), target, num_tagged)
+
+    def training_step(self, batch, batch_idx):
+        loss = self.compute_loss(batch)
         self.log("train/loss", loss, prog_bar=True)
-        self.log("train/tagged_fraction", num_tagged / max(1, len(target)))
+        self.log("train/tagged_fraction", self.tagged_fraction)
         return loss
 
     def validation_step(self, batch, batch_idx):

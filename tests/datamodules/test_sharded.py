@@ -487,3 +487,24 @@ def test_loader_workers_survive_the_sigusr1_slurm_sends_to_every_process(data):
         os.kill(worker.pid, signal.SIGUSR1)
     rest = list(batches)
     assert len(rest) == 5 and first["image"].shape[0] == 2
+
+
+def test_only_required_image_fields_are_decoded(tmp_path):
+    from datamodules.streams import ShardReader
+
+    def png(pixels):
+        buffer = io.BytesIO()
+        Image.fromarray(pixels).save(buffer, format="PNG")
+        return buffer.getvalue()
+
+    mask_bytes = png(np.eye(4, dtype=np.uint8))
+    with wds.TarWriter(str(tmp_path / "s.tar")) as sink:
+        sink.write({"__key__": "a", "jpg": png(np.zeros((4, 4, 3), np.uint8)), "mask.png": mask_bytes, "cls": b"3"})
+    shards = [str(tmp_path / "s.tar")]
+    for required, mask_type in ((("jpg",), bytes), (("jpg", "mask.png"), Image.Image)):
+        reader = ShardReader(required, 0.5, 100)
+        (sample,) = reader.decode(reader.tar_samples(ShardReader.finite_urls(shards)))
+        assert isinstance(sample["jpg"], Image.Image) and sample["jpg"].mode == "RGB"
+        assert isinstance(sample["mask.png"], mask_type)
+    assert sample["mask.png"].mode == "L"  # ids keep their mode
+    assert int(sample["cls"]) == 3

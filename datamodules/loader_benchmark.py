@@ -1,0 +1,232 @@
+"""How fast the datamodule feeds training, against the decode-only floor of the same shards (issue 6, part 2).
+
+Two rates, measured in the same process on the same cores, for each worker count:
+
+* ``datamodule_rate``: the training path users get: ``ShardedDataModule`` -> ``ShardLoader`` (DataLoader workers
+  from a forkserver, resampled stream, shuffle buffer, decoding of every image field of a sample, the real
+  transform, collate, pinned memory when a GPU is present). Not included: the host-to-device copy and the
+  normalisation on the device.
+* ``raw_decode_rate``: the floor: read the tar members (``ShardReader``) and decode each ``jpg`` to RGB pixels
+  with PIL, nothing else (no other field, no crop, flip, tensor or collate), over the same number of processes.
+
+``ratio`` = datamodule / raw decode: the share of pure decoding capacity that reaches the training step
+(performance.md §3: published PIL/WebDataset pipelines reach about 25-35% of decode-only capacity).
+
+Both clocks (``time.perf_counter``) start when the warm-up items have arrived, and there is at least one per
+worker, so worker start-up (forkserver fork, imports, first shard open) is excluded. Items that workers
+prefetched while the others started still count: this flatters short runs, so time tens of batches.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import random
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import replace
+
+from PIL import Image
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from .sharded import DataConfig, ShardedDataModule, resolve_shards
+from .shards import expand_shards
+from .streams import ShardReader, _worker_context
+
+__all__ = ["datamodule_rate", "format_loader_table", "loader_benchmark", "raw_decode_rate"]
+
+IMAGE_KEY = "jpg"  # the field the training transforms read (ShardedDataModule's default required key)
+
+
+def _check(where: str, **values: int) -> None:
+    for name, value in values.items():
+        minimum = 0 if name.startswith("warmup") or name.endswith("workers") else 1
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            raise ValueError(f"{where}: {name} must be an int >= {minimum}, got {value!r}")
+
+
+def _rate(workers: int, images: int, seconds: float) -> dict:
+    return {"workers": workers, "images": images, "seconds": seconds,
+            "images_per_sec": images / seconds if seconds > 0 else float("inf")}
+
+
+def _with_train_shards(cfg: DataConfig) -> DataConfig:
+    """A copy of ``cfg`` whose train_shards name real shards (the built-in synthetic world when None)."""
+    cfg = replace(cfg)
+    if cfg.train_shards is None:
+        resolve_shards(cfg)  # fills in the synthetic world's shards (built once, cached)
+    return cfg
+
+
+def _timed(items: Iterator, warmup: int, count: Callable) -> tuple[int, float]:
+    """Consume ``items``; return (sum of ``count(item)`` after the first ``warmup`` items, seconds from the arrival of
+    the last warm-up item, or from the first request when ``warmup`` is 0, to the arrival of the last item)."""
+    total, start = 0, time.perf_counter()
+    end = start
+    for index, item in enumerate(items):
+        if index < warmup:
+            start = end = time.perf_counter()
+            continue
+        total += count(item)
+        end = time.perf_counter()
+    return total, end - start
+
+
+# ----------------------------------------------------------------------------------------------------
+# The datamodule
+
+
+def datamodule_rate(cfg: DataConfig, train_transform: Callable[[dict], dict], num_workers: int, batches: int,
+                    warmup_batches: int = 2, seed: int = 0) -> dict:
+    """Images per second out of ``ShardedDataModule(cfg with num_workers).train_dataloader()``.
+
+    Built as ``recipes/mae_prepretrain.py`` builds it, with the training stream only, as rank 0 of 1. The epoch is
+    cut to exactly warm-up + ``batches`` batches; the warm-up is raised to ``num_workers`` batches when smaller, so
+    that every worker has started before the clock does. Timed: the ``batches`` batches after the warm-up
+    (reading, shuffle buffer, decoding, transform, collate, transfer to this process, pinning). Not timed: setup,
+    worker start-up and shutdown. Returns ``{"workers", "images", "seconds", "images_per_sec"}``, images counted
+    from the batches received.
+    """
+    _check("datamodule_rate", num_workers=num_workers, batches=batches, warmup_batches=warmup_batches)
+    warmup = max(warmup_batches, num_workers)
+    cfg = replace(_with_train_shards(cfg), val_shards=None, num_workers=num_workers,
+                  batches_per_epoch=warmup + batches)
+    datamodule = ShardedDataModule(cfg, train_transform, train_transform, seed=seed)
+    datamodule.world_size, datamodule.rank = 1, 0  # one loader, whatever process group this runs in
+    datamodule.setup("fit")
+    images, seconds = _timed(iter(datamodule.train_dataloader()), warmup, lambda batch: len(batch["image"]))
+    return _rate(num_workers, images, seconds)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The decode-only floor
+
+
+class _DecodeOnly(IterableDataset):
+    """Decodes chunks of JPEGs and yields the number decoded per chunk, not the pixels: what crosses between
+    processes is an int, so the rate is the decoding alone.
+
+    Chunk i belongs to worker i % readers, the order in which the DataLoader collects them, so the i-th item
+    received is chunk i. A worker reads its own slice of the shards when there are enough, else all of them (as
+    ``ResampledShardStream.partition``), drawing shards with replacement.
+    """
+
+    def __init__(self, shards: Sequence[str], chunks: list[int]):
+        super().__init__()
+        self.shards = list(shards)
+        self.chunks = list(chunks)
+
+    def __iter__(self) -> Iterator[int]:
+        info = get_worker_info()
+        worker, readers = (0, 1) if info is None else (info.id, info.num_workers)
+        shards = self.shards[worker::readers] if len(self.shards) >= readers else self.shards
+        reader = ShardReader(required_keys=(IMAGE_KEY,), max_corrupt_fraction=0.01, min_samples_for_corrupt_check=100)
+        samples = reader.tar_samples(reader.resampled_urls(shards, random.Random(worker)))
+        for size in self.chunks[worker::readers]:
+            yield self._decode(samples, size)
+
+    @staticmethod
+    def _decode(samples: Iterator[dict], size: int) -> int:
+        decoded = failed = 0
+        error = ""
+        while decoded < size:
+            sample = next(samples)
+            try:
+                with io.BytesIO(sample[IMAGE_KEY]) as stream:
+                    image = Image.open(stream)
+                    image.load()  # the full decode; convert alone may return before decoding some modes
+                    image.convert("RGB")
+                decoded += 1
+            except Exception as exc:  # noqa: BLE001 - a missing field or bad bytes: skipped, like the datamodule
+                failed += 1
+                error = f"sample {sample.get('__key__')!r} of {sample.get('__url__')}: {type(exc).__name__}: {exc}"
+                if failed > max(100, decoded):
+                    raise ValueError(
+                        f"raw_decode_rate: {failed} samples without a decodable '{IMAGE_KEY}' field against "
+                        f"{decoded} decoded (last: {error}). The shards must hold JPEGs under '{IMAGE_KEY}'; "
+                        "check them with `tar tf <shard> | head`."
+                    ) from exc
+        return decoded
+
+
+def _chunks(images: int, chunk: int) -> list[int]:
+    return [chunk] * (images // chunk) + ([images % chunk] if images % chunk else [])
+
+
+def raw_decode_rate(shards: list[str], num_workers: int, images: int, warmup_images: int = 64,
+                    chunk: int = 32) -> dict:
+    """Images per second of JPEG decoding alone over ``shards``, in ``num_workers`` DataLoader workers (0: here).
+
+    Workers start from the same forkserver as the datamodule's. Each decodes chunks of ``chunk`` images and
+    reports only their count. The warm-up is ``warmup_images`` rounded up to whole chunks, and at least one chunk
+    per worker; the clock starts when the warm-up chunks have arrived and stops at the last of ``images``.
+    Timed: tar reading and full decoding to RGB of the timed images. Not timed: worker start-up and shutdown.
+    Returns ``{"workers", "images", "seconds", "images_per_sec"}``.
+    """
+    _check("raw_decode_rate", num_workers=num_workers, images=images, warmup_images=warmup_images, chunk=chunk)
+    if not shards:
+        raise ValueError("raw_decode_rate: no shards given; pass a list of shard paths (e.g. expand_shards(spec))")
+    warmup = max(math.ceil(warmup_images / chunk), num_workers)
+    dataset = _DecodeOnly(shards, [chunk] * warmup + _chunks(images, chunk))
+    loader = DataLoader(dataset, batch_size=None, num_workers=num_workers,
+                        multiprocessing_context=_worker_context() if num_workers > 0 else None)
+    decoded, seconds = _timed(iter(loader), warmup, int)
+    return _rate(num_workers, decoded, seconds)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Both, per worker count
+
+
+def loader_benchmark(cfg: DataConfig, train_transform: Callable[[dict], dict], worker_counts: Sequence[int],
+                     batches: int) -> list[dict]:
+    """For each worker count: the datamodule rate and the raw decode rate of the same shards, one after the other.
+
+    The raw decode times ``batches x batch_size`` images in chunks of ``batch_size`` with the same warm-up, so both
+    sides read as many images. Rows: ``workers``, ``datamodule_images_per_sec``, ``raw_decode_images_per_sec``,
+    ``ratio`` (datamodule / raw decode), ``datamodule_images``, ``datamodule_seconds``, ``raw_decode_images``,
+    ``raw_decode_seconds``.
+    """
+    counts = list(worker_counts)
+    if not counts:
+        raise ValueError("loader_benchmark: worker_counts is empty; pass e.g. [0, 1, 2]")
+    _check("loader_benchmark", batches=batches)
+    for workers in counts:
+        _check(f"loader_benchmark: worker_counts {counts}", num_workers=workers)
+    cfg = _with_train_shards(cfg)
+    shards = expand_shards(cfg.train_shards)
+    rows = []
+    for workers in counts:
+        module = datamodule_rate(cfg, train_transform, workers, batches)
+        raw = raw_decode_rate(shards, workers, batches * cfg.batch_size, warmup_images=2 * cfg.batch_size,
+                              chunk=cfg.batch_size)
+        rows.append({
+            "workers": workers,
+            "datamodule_images_per_sec": module["images_per_sec"],
+            "raw_decode_images_per_sec": raw["images_per_sec"],
+            "ratio": module["images_per_sec"] / raw["images_per_sec"],
+            "datamodule_images": module["images"],
+            "datamodule_seconds": module["seconds"],
+            "raw_decode_images": raw["images"],
+            "raw_decode_seconds": raw["seconds"],
+        })
+    return rows
+
+
+_COLUMNS = (  # header, width, cell
+    ("workers", 7, lambda r: f"{r['workers']}"),
+    ("datamodule img/s", 16, lambda r: f"{r['datamodule_images_per_sec']:.1f}"),
+    ("raw decode img/s", 16, lambda r: f"{r['raw_decode_images_per_sec']:.1f}"),
+    ("ratio", 6, lambda r: f"{r['ratio']:.3f}"),
+    ("datamodule images / s", 21, lambda r: f"{r['datamodule_images']} / {r['datamodule_seconds']:.3f}"),
+    ("raw decode images / s", 21, lambda r: f"{r['raw_decode_images']} / {r['raw_decode_seconds']:.3f}"),
+)
+
+
+def format_loader_table(rows: list[dict], how: str) -> str:
+    """``how`` (one line: cores, batch size, image size, ...), a header, then one line per row."""
+    if "\n" in how:
+        raise ValueError(f"format_loader_table: `how` must be one line, got {how!r}")
+    lines = [how, "  ".join(f"{name:>{width}}" for name, width, _ in _COLUMNS)]
+    lines += ["  ".join(f"{cell(row):>{width}}" for _, width, cell in _COLUMNS) for row in rows]
+    return "\n".join(lines)

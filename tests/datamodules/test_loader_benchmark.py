@@ -1,0 +1,126 @@
+"""The loader benchmark: rows complete and self-consistent (rates = images / seconds, ratio = datamodule / raw),
+exact image counts, worker counts 0 and 1, warm-up excluded from the clock, and the table. No timing assertions."""
+
+import io
+import types
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import datamodules.loader_benchmark as lb
+from datamodules.loader_benchmark import datamodule_rate, format_loader_table, loader_benchmark, raw_decode_rate
+from datamodules.shard_writer import ShardWriter
+from datamodules.sharded import DataConfig
+from datamodules.shards import expand_shards
+from datamodules.transforms import mae_train_transform
+
+BATCH = 4
+BATCHES = 3
+ROW_KEYS = {"workers", "datamodule_images_per_sec", "raw_decode_images_per_sec", "ratio", "datamodule_images",
+            "datamodule_seconds", "raw_decode_images", "raw_decode_seconds"}
+
+
+def _jpeg(seed: int) -> bytes:
+    pixels = np.random.default_rng(seed).integers(0, 256, (16, 16, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="JPEG", quality=90)
+    return buf.getvalue()
+
+
+def _shards(root, prefix: str, samples: list[dict]) -> str:
+    with ShardWriter(str(root), prefix, max_count=8) as writer:
+        for sample in samples:
+            writer.write(sample)
+    return str(root / f"{prefix}-*.tar")
+
+
+@pytest.fixture(scope="module")
+def spec(tmp_path_factory):
+    """4 shards of 8 labelled 16 x 16 JPEGs."""
+    return _shards(tmp_path_factory.mktemp("bench"), "train",
+                   [{"__key__": f"s{i:04d}", "jpg": _jpeg(i), "cls": str(i % 3).encode()} for i in range(32)])
+
+
+@pytest.fixture(scope="module")
+def rows(spec):
+    cfg = DataConfig(train_shards=spec, batch_size=BATCH, image_size=8, shuffle_buffer=8, num_workers=5)
+    out = loader_benchmark(cfg, mae_train_transform(8), [0, 1], BATCHES)
+    assert cfg.num_workers == 5 and cfg.batches_per_epoch is None  # the caller's config is left as it was
+    return out
+
+
+def test_rows_are_complete_and_consistent(rows):
+    assert [row["workers"] for row in rows] == [0, 1]
+    for row in rows:
+        assert set(row) == ROW_KEYS
+        assert row["datamodule_images"] == BATCHES * BATCH
+        assert row["raw_decode_images"] == BATCHES * BATCH
+        for side in ("datamodule", "raw_decode"):
+            assert row[f"{side}_seconds"] > 0
+            assert row[f"{side}_images_per_sec"] == pytest.approx(row[f"{side}_images"] / row[f"{side}_seconds"])
+        assert row["ratio"] == pytest.approx(row["datamodule_images_per_sec"] / row["raw_decode_images_per_sec"])
+
+
+def test_table_has_the_how_line_and_one_line_per_row(rows):
+    how = "2 cores, batch 4, 8 px, tiny shards"
+    lines = format_loader_table(rows, how).splitlines()
+    assert lines[0] == how
+    assert len(lines) == 2 + len(rows)  # how, header, rows
+    assert "ratio" in lines[1]
+    for line, row in zip(lines[2:], rows):
+        cells = line.split()
+        assert cells[0] == str(row["workers"])
+        assert float(cells[3]) == pytest.approx(row["ratio"], abs=5e-4)
+    with pytest.raises(ValueError, match="one line"):
+        format_loader_table(rows, "two\nlines")
+
+
+def test_datamodule_rate_counts_whole_batches(spec):
+    out = datamodule_rate(DataConfig(train_shards=spec, batch_size=3, image_size=8, shuffle_buffer=0),
+                          mae_train_transform(8), num_workers=0, batches=5, warmup_batches=0)
+    assert (out["workers"], out["images"]) == (0, 15)
+    assert out["images_per_sec"] == pytest.approx(15 / out["seconds"])
+
+
+def test_raw_decode_counts_exactly_and_skips_undecodable(tmp_path):
+    # Every third sample is not a JPEG: skipped, not counted. 10 images in chunks of 4 = 4 + 4 + 2.
+    samples = [{"__key__": f"m{i:04d}", "jpg": b"not a jpeg" if i % 3 == 0 else _jpeg(i)} for i in range(16)]
+    shards = expand_shards(_shards(tmp_path, "mixed", samples))
+    out = raw_decode_rate(shards, 0, images=10, warmup_images=3, chunk=4)
+    assert (out["workers"], out["images"]) == (0, 10)
+    assert out["images_per_sec"] == pytest.approx(10 / out["seconds"])
+
+
+def test_raw_decode_with_more_workers_than_shards(spec):
+    one_shard = expand_shards(spec)[:1]
+    out = raw_decode_rate(one_shard, 2, images=9, warmup_images=0, chunk=4)
+    assert (out["workers"], out["images"]) == (2, 9)
+
+
+def test_raw_decode_fails_clearly_without_jpegs(tmp_path):
+    shards = expand_shards(_shards(tmp_path, "text", [{"__key__": f"t{i:04d}", "txt": b"hello"} for i in range(8)]))
+    with pytest.raises(ValueError, match="'jpg'"):
+        raw_decode_rate(shards, 0, images=4)
+
+
+def test_warmup_is_excluded_from_the_clock(monkeypatch):
+    # A fake clock: the first item (worker start-up) arrives at t = 10, the next ones 1 apart.
+    arrivals = iter([0.0, 10.0, 11.0, 12.0])  # the first read is the request for the first item
+    monkeypatch.setattr(lb, "time", types.SimpleNamespace(perf_counter=lambda: next(arrivals)))
+    assert lb._timed(iter([5, 6, 7]), warmup=1, count=int) == (13, 2.0)
+    arrivals = iter([0.0, 10.0, 11.0])
+    assert lb._timed(iter([5, 6]), warmup=0, count=int) == (11, 11.0)
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda: raw_decode_rate([], 0, images=4), "no shards"),
+    (lambda: raw_decode_rate(["x.tar"], -1, images=4), "num_workers"),
+    (lambda: raw_decode_rate(["x.tar"], 0, images=0), "images"),
+    (lambda: loader_benchmark(DataConfig(train_shards="x.tar"), None, [], 1), "worker_counts is empty"),
+    (lambda: loader_benchmark(DataConfig(train_shards="x.tar"), None, [0, -2], 1), "worker_counts"),
+    (lambda: datamodule_rate(DataConfig(train_shards="x.tar"), None, 0, batches=0), "batches"),
+])
+def test_bad_input_is_named(call, message):
+    with pytest.raises(ValueError, match=message):
+        call()

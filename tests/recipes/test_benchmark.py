@@ -1,0 +1,143 @@
+"""python -m recipes.benchmark as a user runs it, on tiny settings: every figure is computed and consistent (timings
+themselves never gate a test)."""
+
+import io
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from datamodules.shard_writer import ShardWriter
+from recipes.benchmark import Config, main
+from recipes.cli import parse_config
+
+TINY = ["--image_size", "32", "--batch_size", "8", "--warmup_steps", "2", "--steps", "4"]
+RUN_FIGURES = ("images_per_sec", "step_ms_median", "step_ms_min", "step_ms_max", "achieved_flops_per_sec", "mfu",
+               "peak_memory_bytes")
+
+
+def _mae_tiny_forward_flops_at_32px() -> float:
+    """performance.md §2.2 by hand for mae_vit_tiny_patch8 at 32 px: P = 16 patches of 8x8, encoder d = 192 x 12
+    blocks on N_e = int(16 x 0.25) + 1 = 5 tokens, decoder d' = 128 x 4 blocks on 17 tokens."""
+    def block(n, d):
+        return 24 * n * d**2 + 4 * n**2 * d
+    encoder = 2 * 16 * 192 * 192 + 12 * block(5, 192)
+    decoder = 2 * 5 * 192 * 128 + 4 * block(17, 128) + 2 * 17 * 128 * 192
+    return encoder + decoder
+
+
+@pytest.mark.slow
+def test_mae_benchmark_reports_every_figure(run_recipe, tmp_path):
+    proc = run_recipe("recipes.benchmark", "--trainer", "mae", "--run_dir", str(tmp_path), *TINY)
+    report = json.loads((tmp_path / "benchmark.json").read_text())
+
+    for name in ("lightning", "plain"):
+        run = report[name]
+        assert run["timed_steps"] == 4 and len(run["step_ms"]) == 4  # both runs timed the same steps
+        assert all(isinstance(run[key], (int, float)) and math.isfinite(run[key]) and run[key] > 0
+                   for key in RUN_FIGURES), run
+        assert run["images_per_sec"] == pytest.approx(4 * 8 / (sum(run["step_ms"]) / 1000))
+        assert run["step_ms_min"] <= run["step_ms_median"] <= run["step_ms_max"]
+        assert run["achieved_flops_per_sec"] == pytest.approx(
+            run["images_per_sec"] * report["flops"]["train_flops_per_image"])
+        assert run["mfu"] == pytest.approx(run["achieved_flops_per_sec"] / report["peak"]["flops_per_sec"])
+    ratio = report["ratio_lightning_over_plain"]
+    assert ratio["images_per_sec"] == pytest.approx(report["lightning"]["images_per_sec"]
+                                                    / report["plain"]["images_per_sec"])
+    assert ratio["step_ms_median"] == pytest.approx(report["lightning"]["step_ms_median"]
+                                                    / report["plain"]["step_ms_median"])
+
+    flops = report["flops"]
+    assert flops["formula_forward_flops_per_image"] == pytest.approx(_mae_tiny_forward_flops_at_32px())
+    assert abs(flops["relative_difference"]) < 1e-3 and "§2.2" in flops["formula_source"]
+    assert flops["train_flops_per_image"] == 3 * flops["model_forward_flops_per_image"]
+
+    cuda = torch.cuda.is_available()
+    assert report["peak"]["dtype"] == ("bfloat16" if cuda else "float32") and report["peak"]["flops_per_sec"] > 0
+    how = report["how_measured"]
+    assert how["model"] == "mae_vit_tiny_patch8" and how["batch_per_step"] == 8 and how["compile"] is False
+    assert how["precision"] == ("bf16-mixed" if cuda else "32-true") and how["torch_threads"] >= 1
+    assert {"device", "date", "steps", "timing", "peak_memory"} <= set(how)
+    if not cuda:  # the process's RSS high-water mark only grows
+        assert report["plain"]["peak_memory_bytes"] >= report["lightning"]["peak_memory_bytes"]
+    assert report["config"]["trainer"] == "mae" and report["config"]["image_size"] == 32
+
+    for text in ("how measured", "Lightning / plain", "plain PyTorch", "MFU", "FLOPs per image", "peak: measured"):
+        assert text in proc.stdout, proc.stdout
+    # The Lightning run is the recipe's: W&B offline and CSV logs; its end-of-run checkpoint is gone.
+    assert list((tmp_path / "lightning" / "wandb").glob("offline-run-*"))
+    assert (tmp_path / "lightning" / "csv" / "hparams.yaml").exists()
+    assert not (tmp_path / "lightning" / "checkpoints").exists()
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    """2 shards of 8 labelled 16 x 16 JPEGs (3 classes)."""
+    root = tmp_path_factory.mktemp("shards")
+    with ShardWriter(str(root), "train", max_count=8) as writer:
+        for i in range(16):
+            pixels = np.random.default_rng(i).integers(0, 256, (16, 16, 3), dtype=np.uint8)
+            jpeg = io.BytesIO()
+            Image.fromarray(pixels).save(jpeg, format="JPEG", quality=90)
+            writer.write({"__key__": f"s{i:04d}", "jpg": jpeg.getvalue(), "cls": str(i % 3).encode()})
+    return str(root / "train-{000000..000001}.tar")
+
+
+def test_loader_benchmark_reports_the_datamodule_over_raw_decode_ratio(shards, tmp_path, capsys):
+    cfg, _ = parse_config(Config, ["--trainer", "none", "--worker_counts", "[0, 1]", "--shards", shards,
+                                   "--run_dir", str(tmp_path), "--image_size", "16", "--batch_size", "4",
+                                   "--steps", "2"])
+    main(cfg)
+    report = json.loads((tmp_path / "benchmark.json").read_text())
+    rows = report["loader"]
+    assert [row["workers"] for row in rows] == [0, 1]
+    for row in rows:
+        assert row["datamodule_images_per_sec"] > 0 and row["raw_decode_images_per_sec"] > 0
+        assert row["ratio"] == pytest.approx(row["datamodule_images_per_sec"] / row["raw_decode_images_per_sec"])
+    assert report["config"]["worker_counts"] == [0, 1] and report["how_measured"]["shards"] == shards
+    out = capsys.readouterr().out
+    assert "how measured" in out and "raw decode img/s" in out
+
+
+@pytest.mark.filterwarnings("ignore:.*smaller than the logging interval", "ignore:Total length of `list` across ranks")
+def test_finetune_over_shards_feeds_both_runs_from_the_datamodule(shards, tmp_path):
+    cfg, _ = parse_config(Config, ["--trainer", "finetune", "--data", "shards", "--shards", shards, "--num_workers",
+                                   "0", "--num_classes", "3", "--run_dir", str(tmp_path), "--image_size", "16",
+                                   "--batch_size", "4", "--warmup_steps", "1", "--steps", "2",
+                                   "--model.name", "vit_tiny_patch8"])
+    report = main(cfg)
+    assert report["how_measured"]["data"] == f"shards {shards}"
+    assert report["lightning"]["timed_steps"] == report["plain"]["timed_steps"] == 2
+    # vit_tiny_patch8 at 16 px with 3 classes, performance.md §2.1 by hand: 4 patches + cls, d = 192, 12 blocks
+    forward = 2 * 4 * 3 * 64 * 192 + 12 * (24 * 5 * 192**2 + 4 * 25 * 192) + 2 * 192 * 3
+    assert report["flops"]["formula_forward_flops_per_image"] == pytest.approx(forward)
+    assert report["ratio_lightning_over_plain"]["images_per_sec"] == pytest.approx(
+        report["lightning"]["images_per_sec"] / report["plain"]["images_per_sec"])
+
+
+def test_bad_settings_are_refused_with_the_flag_to_fix(capsys):
+    cfg, _ = parse_config(Config, ["--trainer", "swag", "--precision", "32-true"])
+    assert cfg.trainer == "swag" and cfg.model.name is None
+    with pytest.raises(SystemExit):
+        parse_config(Config, ["--trainer", "finetune", "--batch_size", "7"])
+    assert "--batch_size must be even" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        parse_config(Config, ["--num_classes", "0"])
+    assert "--num_classes must be >= 1" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        parse_config(Config, ["--trainer", "dino"])
+    with pytest.raises(SystemExit):
+        parse_config(Config, ["--precision", "16-mixed"])
+
+
+@pytest.mark.gpu
+def test_gpu_benchmark_in_bf16(run_recipe, tmp_path):
+    run_recipe("recipes.benchmark", "--trainer", "finetune", "--run_dir", str(tmp_path), *TINY)
+    report = json.loads((tmp_path / "benchmark.json").read_text())
+    assert report["how_measured"]["precision"] == "bf16-mixed" and "cuda" in report["how_measured"]["peak_memory"]
+    assert report["peak"]["dtype"] == "bfloat16" and report["peak"]["size"] == 8192
+    assert report["lightning"]["timed_steps"] == report["plain"]["timed_steps"] == 4
+    assert all(report[name]["peak_memory_bytes"] > 0 and 0 < report[name]["mfu"] < 1 for name in ("lightning", "plain"))
