@@ -11,6 +11,11 @@ def _clean_cluster_env(monkeypatch):
             monkeypatch.delenv(name)
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.delenv("WANDB_SERVICE", raising=False)
+    yield
+    # An in-process wandb.init exports the address of its service process. Recipes started afterwards would
+    # attach to it and share its run registry, so the id of a run killed by a test would stay "in use" on resume.
+    os.environ.pop("WANDB_SERVICE", None)
 
 
 def pytest_collection_modifyitems(config, items):
