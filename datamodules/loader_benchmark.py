@@ -4,13 +4,16 @@ Two rates, measured in the same process on the same cores, for each worker count
 
 * ``datamodule_rate``: the training path users get: ``ShardedDataModule`` -> ``ShardLoader`` (DataLoader workers
   from a forkserver, resampled stream, shuffle buffer, decoding of every image field of a sample, the real
-  transform, collate, pinned memory when a GPU is present). Not included: the host-to-device copy and the
-  normalisation on the device.
+  transform, collate, pinned memory when a GPU is present). Not included with ``decode="host"``: the
+  host-to-device copy and the normalisation on the device. With ``decode="device"`` (``device_decode.py``) the
+  workers only read JPEG headers and draw crops, so the rate counts the whole path to a normalised batch on the
+  device: workers, transfer, decode, crop and resize, normalisation.
 * ``raw_decode_rate``: the floor: read the tar members (``ShardReader``) and decode each ``jpg`` to RGB pixels
   with PIL, nothing else (no other field, no crop, flip, tensor or collate), over the same number of processes.
 
 ``ratio`` = datamodule / raw decode: the share of pure decoding capacity that reaches the training step
-(performance.md §3: published PIL/WebDataset pipelines reach about 25-35% of decode-only capacity).
+(performance.md §3: published PIL/WebDataset pipelines reach about 25-35% of decode-only capacity). The raw decode is
+always PIL on the host, so with ``decode="device"`` the ratio shows what moving the decode to the device buys.
 
 Both clocks (``time.perf_counter``) start when the warm-up items have arrived, and there is at least one per
 worker, so worker start-up (forkserver fork, imports, first shard open) is excluded. Items that workers
@@ -26,6 +29,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import replace
 
+import torch
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
@@ -33,7 +37,7 @@ from .sharded import DataConfig, ShardedDataModule, resolve_shards
 from .shards import expand_shards
 from .streams import ShardReader, _worker_context
 
-__all__ = ["datamodule_rate", "format_loader_table", "loader_benchmark", "raw_decode_rate"]
+__all__ = ["datamodule_rate", "default_device", "format_loader_table", "loader_benchmark", "raw_decode_rate"]
 
 IMAGE_KEY = "jpg"  # the field the training transforms read (ShardedDataModule's default required key)
 
@@ -58,18 +62,40 @@ def _with_train_shards(cfg: DataConfig) -> DataConfig:
     return cfg
 
 
-def _timed(items: Iterator, warmup: int, count: Callable) -> tuple[int, float]:
+def _timed(items: Iterator, warmup: int, count: Callable, finish: Callable[[], None] | None = None
+           ) -> tuple[int, float]:
     """Consume ``items``; return (sum of ``count(item)`` after the first ``warmup`` items, seconds from the arrival of
-    the last warm-up item, or from the first request when ``warmup`` is 0, to the arrival of the last item)."""
+    the last warm-up item, or from the first request when ``warmup`` is 0, to the arrival of the last item).
+    ``finish`` (a device synchronise) runs after the last item and before the clock stops, when items were timed."""
     total, start = 0, time.perf_counter()
     end = start
+    timed = False
     for index, item in enumerate(items):
         if index < warmup:
+            if finish is not None:
+                finish()  # the warm-up's device work must not spill into the timed window
             start = end = time.perf_counter()
             continue
         total += count(item)
+        timed = True
+        if finish is None:
+            end = time.perf_counter()
+    if finish is not None and timed:
+        finish()
         end = time.perf_counter()
     return total, end - start
+
+
+def default_device() -> torch.device:
+    """Where ``decode="device"`` benchmarks decode: the current CUDA device when there is one, else the CPU."""
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def _on_device(batches: Iterator[dict], datamodule: ShardedDataModule, device: torch.device) -> Iterator[dict]:
+    """The batches as a training step receives them: moved to ``device`` and through ``on_after_batch_transfer``
+    (decode, crop, resize, normalise), without a synchronisation per batch."""
+    for batch in batches:
+        yield datamodule.on_after_batch_transfer(datamodule.transfer_batch_to_device(batch, device, 0), 0)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -77,7 +103,7 @@ def _timed(items: Iterator, warmup: int, count: Callable) -> tuple[int, float]:
 
 
 def datamodule_rate(cfg: DataConfig, train_transform: Callable[[dict], dict], num_workers: int, batches: int,
-                    warmup_batches: int = 2, seed: int = 0) -> dict:
+                    warmup_batches: int = 2, seed: int = 0, device: torch.device | str | None = None) -> dict:
     """Images per second out of ``ShardedDataModule(cfg with num_workers).train_dataloader()``.
 
     Built as ``recipes/mae_prepretrain.py`` builds it, with the training stream only, as rank 0 of 1. The epoch is
@@ -86,6 +112,10 @@ def datamodule_rate(cfg: DataConfig, train_transform: Callable[[dict], dict], nu
     (reading, shuffle buffer, decoding, transform, collate, transfer to this process, pinning). Not timed: setup,
     worker start-up and shutdown. Returns ``{"workers", "images", "seconds", "images_per_sec"}``, images counted
     from the batches received.
+
+    With ``cfg.decode == "device"`` every batch is also moved to ``device`` (default: ``default_device()``) and
+    decoded, cropped and normalised there (``on_after_batch_transfer``); on CUDA the timed window ends with a
+    ``torch.cuda.synchronize()`` so that it holds the device work of every timed batch.
     """
     _check("datamodule_rate", num_workers=num_workers, batches=batches, warmup_batches=warmup_batches)
     warmup = max(warmup_batches, num_workers)
@@ -94,7 +124,15 @@ def datamodule_rate(cfg: DataConfig, train_transform: Callable[[dict], dict], nu
     datamodule = ShardedDataModule(cfg, train_transform, train_transform, seed=seed)
     datamodule.world_size, datamodule.rank = 1, 0  # one loader, whatever process group this runs in
     datamodule.setup("fit")
-    images, seconds = _timed(iter(datamodule.train_dataloader()), warmup, lambda batch: len(batch["image"]))
+    batches_in = iter(datamodule.train_dataloader())
+    finish = None
+    if cfg.decode == "device":
+        device = torch.device(device) if device is not None else default_device()
+        datamodule.decode_device = device
+        batches_in = _on_device(batches_in, datamodule, device)
+        if device.type == "cuda":
+            finish = lambda: torch.cuda.synchronize(device)  # noqa: E731
+    images, seconds = _timed(batches_in, warmup, lambda batch: len(batch["image"]), finish)
     return _rate(num_workers, images, seconds)
 
 
@@ -179,13 +217,14 @@ def raw_decode_rate(shards: list[str], num_workers: int, images: int, warmup_ima
 
 
 def loader_benchmark(cfg: DataConfig, train_transform: Callable[[dict], dict], worker_counts: Sequence[int],
-                     batches: int) -> list[dict]:
+                     batches: int, device: torch.device | str | None = None) -> list[dict]:
     """For each worker count: the datamodule rate and the raw decode rate of the same shards, one after the other.
 
     The raw decode times ``batches x batch_size`` images in chunks of ``batch_size`` with the same warm-up, so both
     sides read as many images. Rows: ``workers``, ``datamodule_images_per_sec``, ``raw_decode_images_per_sec``,
     ``ratio`` (datamodule / raw decode), ``datamodule_images``, ``datamodule_seconds``, ``raw_decode_images``,
-    ``raw_decode_seconds``.
+    ``raw_decode_seconds``, ``decode`` (``cfg.decode``: "host", or "device" when the datamodule side decodes on
+    ``device``, default ``default_device()``; the raw decode is PIL on the host either way).
     """
     counts = list(worker_counts)
     if not counts:
@@ -197,7 +236,7 @@ def loader_benchmark(cfg: DataConfig, train_transform: Callable[[dict], dict], w
     shards = expand_shards(cfg.train_shards)
     rows = []
     for workers in counts:
-        module = datamodule_rate(cfg, train_transform, workers, batches)
+        module = datamodule_rate(cfg, train_transform, workers, batches, device=device)
         raw = raw_decode_rate(shards, workers, batches * cfg.batch_size, warmup_images=2 * cfg.batch_size,
                               chunk=cfg.batch_size)
         rows.append({
@@ -209,6 +248,7 @@ def loader_benchmark(cfg: DataConfig, train_transform: Callable[[dict], dict], w
             "datamodule_seconds": module["seconds"],
             "raw_decode_images": raw["images"],
             "raw_decode_seconds": raw["seconds"],
+            "decode": cfg.decode,
         })
     return rows
 
@@ -220,6 +260,7 @@ _COLUMNS = (  # header, width, cell
     ("ratio", 6, lambda r: f"{r['ratio']:.3f}"),
     ("datamodule images / s", 21, lambda r: f"{r['datamodule_images']} / {r['datamodule_seconds']:.3f}"),
     ("raw decode images / s", 21, lambda r: f"{r['raw_decode_images']} / {r['raw_decode_seconds']:.3f}"),
+    ("decode", 6, lambda r: r.get("decode", "host")),
 )
 
 

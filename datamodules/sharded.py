@@ -6,8 +6,10 @@ the shard specs before training, sizes the epoch, and normalises images on the d
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.distributed as dist
@@ -15,6 +17,7 @@ from lightning.pytorch import LightningDataModule
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from . import IMAGENET_MEAN, IMAGENET_STD
+from .device_decode import decode_batch, device_transform
 from .shards import check_finite_shards, expand_shards
 from .streams import CorruptDataError, FiniteShardStream, ResampledShardStream, ShardLoader
 from .transforms import normalize_on_device
@@ -48,6 +51,11 @@ class DataConfig:
     min_samples_for_corrupt_check: int = 100
     """Samples to read from a shard before max_corrupt_fraction is enforced (avoids failing on the
     first bad sample of a shard)."""
+    decode: Literal["host", "device"] = "host"
+    """Where images are decoded. host: loader workers decode with PIL and crop (any transform). device: workers
+    read only the JPEG header and draw the crop; the batch's JPEGs are decoded on the training device (batched
+    nvJPEG on CUDA) and cropped and resized there, for trainers whose GPU step outruns the CPU (MAE
+    pre-training). Needs a geometry-only transform (MAE train, linear probe, eval), not fine-tuning's RandAugment."""
 
     def __post_init__(self) -> None:
         positive = {"batch_size": self.batch_size, "image_size": self.image_size}
@@ -58,6 +66,8 @@ class DataConfig:
         for name in ("num_workers", "shuffle_buffer", "min_samples_for_corrupt_check"):
             if getattr(self, name) < 0:
                 raise ValueError(f"DataConfig.{name} must be >= 0, got {getattr(self, name)} (--data.{name})")
+        if self.decode not in ("host", "device"):
+            raise ValueError(f"DataConfig.decode must be 'host' or 'device', got {self.decode!r} (--data.decode)")
         if not 0.0 <= self.max_corrupt_fraction < 1.0:
             raise ValueError(
                 f"DataConfig.max_corrupt_fraction must be in [0, 1), got {self.max_corrupt_fraction} "
@@ -89,6 +99,13 @@ class ShardedDataModule(LightningDataModule):
     datamodules.hashtags.HashtagResampler); it must be deterministic so that a resume continues exactly.
     ``world_size``/``rank`` may be set on the instance to override what the trainer or
     torch.distributed report (tests, tools that build streams for another rank).
+
+    With ``cfg.decode == "device"`` (see ``datamodules/device_decode.py``) the transforms must describe their
+    geometry (``transforms.SampleTransform.geometry``), checked at ``setup()``; the JPEGs are decoded in
+    ``on_after_batch_transfer`` on ``decode_device`` when set, else the trainer's device, else the device of the
+    batch's tensors (CPU when it has none). A JPEG that fails to decode there is replaced by another sample of its
+    batch, warned about with its key, and counted in ``device_decode_failures``; past ``max_corrupt_fraction`` of
+    the images decoded (after ``min_samples_for_corrupt_check``) the run stops with CorruptDataError.
     """
 
     def __init__(
@@ -111,12 +128,18 @@ class ShardedDataModule(LightningDataModule):
         self.std = tuple(std)
         self.required_keys = tuple(required_keys)
         self.train_sample_filter = train_sample_filter
+        if cfg.decode == "device":  # fail before a Trainer or a W&B run exists
+            device_transform(train_transform, "train_transform")
+            device_transform(val_transform, "val_transform")
         self.world_size: int | None = None
         self.rank: int | None = None
         self.batches_per_epoch: int | None = None
         self.train_stream: ResampledShardStream | None = None
         self.val_stream: FiniteShardStream | None = None
         self._epoch = 0
+        self.decode_device: torch.device | None = None
+        self.device_decoded = 0
+        self.device_decode_failures = 0
 
     # -- where are we --------------------------------------------------------------------------------
     def _world_and_rank(self) -> tuple[int, int]:
@@ -136,6 +159,9 @@ class ShardedDataModule(LightningDataModule):
             max_corrupt_fraction=self.cfg.max_corrupt_fraction,
             min_samples_for_corrupt_check=self.cfg.min_samples_for_corrupt_check,
         )
+        device = self.cfg.decode == "device"
+        if device:
+            common["header_only_keys"] = ("jpg",)  # the field SampleTransform reads
         if stage in (None, "fit"):
             shards = self._expand("train_shards", required=True)
             self.batches_per_epoch = self._batches_per_epoch(shards, world)
@@ -146,8 +172,9 @@ class ShardedDataModule(LightningDataModule):
                     f"worker(s): every reader samples from all shards (with its own seed), so ranks may see the "
                     f"same samples within an epoch. Write at least {readers} shards to give each its own."
                 )
+            transform = device_transform(self.train_transform, "train_transform") if device else self.train_transform
             self.train_stream = ResampledShardStream(
-                shards, self.train_transform, self.cfg.batch_size, self.batches_per_epoch,
+                shards, transform, self.cfg.batch_size, self.batches_per_epoch,
                 shuffle_buffer=self.cfg.shuffle_buffer, sample_filter=self.train_sample_filter, **common,
             )
             self.train_stream.set_epoch(self._epoch)
@@ -158,7 +185,8 @@ class ShardedDataModule(LightningDataModule):
         if stage in (None, "fit", "validate") and self.cfg.val_shards is not None:
             shards = self._expand("val_shards", required=False)
             check_finite_shards(len(shards), world, self.cfg.num_workers, "val_shards")
-            self.val_stream = FiniteShardStream(shards, self.val_transform, self.cfg.batch_size, **common)
+            transform = device_transform(self.val_transform, "val_transform") if device else self.val_transform
+            self.val_stream = FiniteShardStream(shards, transform, self.cfg.batch_size, **common)
 
     def _expand(self, name: str, required: bool) -> list[str]:
         spec = getattr(self.cfg, name)
@@ -205,12 +233,45 @@ class ShardedDataModule(LightningDataModule):
 
     # -- device side ---------------------------------------------------------------------------------
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
+        if isinstance(batch, dict) and isinstance(batch.get("image"), list):  # decode="device": still JPEG bytes
+            self._decode_on_device(batch)
         if isinstance(batch, dict):
             for key in ("image", "frames"):
                 value = batch.get(key)
                 if isinstance(value, torch.Tensor) and value.dtype == torch.uint8:
                     batch[key] = normalize_on_device(value, self.mean, self.std)
+        if self.trainer is not None:
+            # Lightning casts the batch for the precision before the transfer (training_epoch_loop.py), when the
+            # images are still uint8: cast the normalised ones now (DeepSpeed's bf16 takes bf16 inputs).
+            batch = self.trainer.precision_plugin.convert_input(batch)
         return batch
+
+    def _decode_device(self, batch: dict) -> torch.device:
+        if self.decode_device is not None:
+            return torch.device(self.decode_device)
+        if self.trainer is not None:
+            return self.trainer.strategy.root_device
+        tensor = next((v for v in batch.values() if isinstance(v, torch.Tensor)), None)
+        return tensor.device if tensor is not None else torch.device("cpu")
+
+    def _decode_on_device(self, batch: dict) -> None:
+        failed = decode_batch(batch, self._decode_device(batch))
+        self.device_decoded += len(batch["image"])
+        if not failed:
+            return
+        self.device_decode_failures += len(failed)
+        warnings.warn(
+            f"decode='device': {len(failed)} image(s) failed to decode on the device and on the host "
+            f"(keys {failed}); each was replaced by another sample of its batch. {self.device_decode_failures} "
+            f"of {self.device_decoded} so far on this rank.", stacklevel=2,
+        )
+        too_many = self.device_decode_failures > self.cfg.max_corrupt_fraction * self.device_decoded
+        if self.device_decoded >= self.cfg.min_samples_for_corrupt_check and too_many:
+            raise CorruptDataError(
+                f"decode='device': {self.device_decode_failures} of {self.device_decoded} images failed to decode "
+                f"(> max_corrupt_fraction {self.cfg.max_corrupt_fraction:.1%}); latest keys {failed}. Their JPEG "
+                "headers parse but their pixels do not: re-write those shards, or raise --data.max_corrupt_fraction."
+            )
 
     # -- checkpoint ----------------------------------------------------------------------------------
     def state_dict(self) -> dict:

@@ -31,6 +31,8 @@ from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
+from .device_decode import read_header
+
 log = logging.getLogger(__name__)
 
 
@@ -116,13 +118,18 @@ _IMAGE_EXTENSIONS = {"jpg", "jpeg", "png", "webp", "ppm", "bmp"}
 class _ImageHandler:
     """wds decoder handler: the image fields in ``keys`` -> loaded PIL RGB (``mask.png`` keeps its mode: it holds
     ids, not colours). Other image fields stay bytes: decoding an unused field (the synthetic world's mask.png
-    next to an MAE image) cost about a third more decode time, measured with ``recipes.benchmark --trainer none``."""
+    next to an MAE image) cost about a third more decode time, measured with ``recipes.benchmark --trainer none``.
+    Fields in ``header_only`` (decode="device") are only opened: ``device_decode.read_header``."""
 
-    def __init__(self, keys: Sequence[str]):
+    def __init__(self, keys: Sequence[str], header_only: Sequence[str] = ()):
         self.keys = frozenset(keys)
+        self.header_only = frozenset(header_only)
 
     def __call__(self, key: str, data: bytes):
-        if key.lstrip(".") not in self.keys:  # wds passes ".jpg", ".mask.png"
+        field = key.lstrip(".")  # wds passes ".jpg", ".mask.png"
+        if field in self.header_only:
+            return read_header(key, data)
+        if field not in self.keys:
             return None
         return _decode_image(key, data)
 
@@ -164,16 +171,19 @@ class ShardStats:
 class ShardReader:
     """tar -> decoded samples for one worker, skipping and counting corrupt samples per shard.
 
-    Only the image fields among ``required_keys`` are decoded; any other field is passed on as bytes.
+    Only the image fields among ``required_keys`` are decoded; any other field is passed on as bytes. Fields in
+    ``header_only_keys`` are read up to their image header only (decode="device": pixels are decoded on the
+    training device); a header that does not parse counts as a corrupt sample.
     """
 
     required_keys: Sequence[str]
     max_corrupt_fraction: float
     min_samples_for_corrupt_check: int
     stats: dict[str, ShardStats] = field(default_factory=dict)
+    header_only_keys: Sequence[str] = ()
 
     def __post_init__(self) -> None:
-        self._decoder = wds.autodecode.Decoder([_ImageHandler(self.required_keys)])
+        self._decoder = wds.autodecode.Decoder([_ImageHandler(self.required_keys, self.header_only_keys)])
         self._current_url = "<no shard opened yet>"
         self._opens_without_sample = 0
 
@@ -292,6 +302,7 @@ class _ShardStream(IterableDataset):
         required_keys: Sequence[str] = ("jpg",),
         max_corrupt_fraction: float = 0.01,
         min_samples_for_corrupt_check: int = 100,
+        header_only_keys: Sequence[str] = (),
     ):
         super().__init__()
         if not shards:
@@ -307,6 +318,7 @@ class _ShardStream(IterableDataset):
         self.required_keys = tuple(required_keys)
         self.max_corrupt_fraction = max_corrupt_fraction
         self.min_samples_for_corrupt_check = min_samples_for_corrupt_check
+        self.header_only_keys = tuple(header_only_keys)
         self.epoch = 0
         self.reader: ShardReader | None = None  # of the last iteration in this process (tests, num_workers=0)
 
@@ -314,7 +326,8 @@ class _ShardStream(IterableDataset):
         self.epoch = epoch
 
     def _new_reader(self) -> ShardReader:
-        self.reader = ShardReader(self.required_keys, self.max_corrupt_fraction, self.min_samples_for_corrupt_check)
+        self.reader = ShardReader(self.required_keys, self.max_corrupt_fraction, self.min_samples_for_corrupt_check,
+                                  header_only_keys=self.header_only_keys)
         return self.reader
 
     def _seeded_transform(self, *where: object) -> Callable[[tuple[int, dict]], dict]:

@@ -5,12 +5,15 @@ device (``normalize_on_device``, called from the datamodule's ``on_after_batch_t
 4x smaller and the GPU does the arithmetic for free.
 
 Geometric augmentation runs on the PIL image (as facebookresearch/mae main_pretrain.py does) and only
-then becomes a tensor, so the bicubic resampling is PIL's.
+then becomes a tensor, so the bicubic resampling is PIL's. Geometry-only transforms also carry a description of what
+they do (``SampleTransform.geometry``), from which ``--data.decode device`` redoes them on the training device
+(``datamodules/device_decode.py``).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 from PIL import ImageOps
@@ -28,6 +31,35 @@ MAE_CROP_SCALE = (0.2, 1.0)
 FINETUNE_CROP_SCALE = (0.08, 1.0)
 # MAE fine-tuning's RandAugment (FINETUNE.md): 2 ops, magnitude 9 with std 0.5, the "increasing" op set.
 RAND_AUGMENT = "rand-m9-mstd0.5-inc1"
+# torchvision RandomResizedCrop's default aspect-ratio range, which every crop above uses.
+CROP_RATIO = (3 / 4, 4 / 3)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Geometry descriptions: what a geometry-only image transform does, in numbers, so that the datamodule can run
+# it elsewhere (decode="device": the crop is drawn in the loader worker, decode and resampling run on the GPU).
+
+
+@dataclass(frozen=True)
+class RandomResizedCropFlip:
+    """RandomResizedCrop(size, scale, ratio, bicubic, antialias) then a horizontal flip with probability
+    ``flip_p``, the crop drawn as torchvision draws it (RandomResizedCrop.get_params)."""
+
+    size: int
+    scale: tuple[float, float]
+    ratio: tuple[float, float] = CROP_RATIO
+    flip_p: float = 0.5
+
+
+@dataclass(frozen=True)
+class ResizeCenterCrop:
+    """Resize the short side to ``resize`` (bicubic, antialias), then crop the central ``size`` x ``size``."""
+
+    size: int
+    resize: int
+
+
+Geometry = RandomResizedCropFlip | ResizeCenterCrop
 
 
 def eval_resize_size(size: int) -> int:
@@ -115,10 +147,13 @@ class SampleTransform:
     """Decoded sample -> ``{"image": uint8 (3, H, W), "label": int (if the sample has "cls"), "key": str}``.
 
     A class rather than a closure so that the datasets holding it pickle (spawned DataLoader workers).
+    ``geometry`` describes ``image_transform`` when it is geometry-only (what ``--data.decode device`` needs);
+    None when it does pixel work a crop and resize cannot express (RandAugment).
     """
 
-    def __init__(self, image_transform: Callable):
+    def __init__(self, image_transform: Callable, geometry: Geometry | None = None):
         self.image_transform = image_transform
+        self.geometry = geometry
 
     def __call__(self, sample: dict) -> dict:
         out = {"image": self.image_transform(sample["jpg"]).as_subclass(torch.Tensor), "key": sample["__key__"]}
@@ -129,22 +164,24 @@ class SampleTransform:
 
 def mae_train_transform(size: int) -> Callable[[dict], dict]:
     """Sample -> ``{"image": uint8 (3, size, size), "label": int (if the sample has "cls"), "key": str}``."""
-    return SampleTransform(mae_train_pil_transform(size))
+    return SampleTransform(mae_train_pil_transform(size), RandomResizedCropFlip(size, MAE_CROP_SCALE))
 
 
 def eval_transform(size: int) -> Callable[[dict], dict]:
     """Sample -> same keys as ``mae_train_transform``, deterministic resize + center crop."""
-    return SampleTransform(eval_pil_transform(size))
+    return SampleTransform(eval_pil_transform(size), ResizeCenterCrop(size, eval_resize_size(size)))
 
 
 def finetune_train_transform(size: int, rand_augment_config: str | None = RAND_AUGMENT) -> Callable[[dict], dict]:
-    """Sample -> ``{"image": uint8, "label", "key"}`` with MAE fine-tuning's augmentation (no erasing: device)."""
-    return SampleTransform(finetune_train_pil_transform(size, rand_augment_config))
+    """Sample -> ``{"image": uint8, "label", "key"}`` with MAE fine-tuning's augmentation (no erasing: device).
+    Without RandAugment (an empty config) it is geometry-only and so also runs under ``--data.decode device``."""
+    geometry = None if rand_augment_config else RandomResizedCropFlip(size, FINETUNE_CROP_SCALE)
+    return SampleTransform(finetune_train_pil_transform(size, rand_augment_config), geometry)
 
 
 def linear_probe_train_transform(size: int) -> Callable[[dict], dict]:
     """Sample -> ``{"image": uint8, "label", "key"}`` with MAE linear probing's augmentation."""
-    return SampleTransform(linear_probe_train_pil_transform(size))
+    return SampleTransform(linear_probe_train_pil_transform(size), RandomResizedCropFlip(size, FINETUNE_CROP_SCALE))
 
 
 def normalize_on_device(

@@ -6,11 +6,16 @@ data and optimizer, on one device (issue 6).
     python -m recipes.benchmark --model.name mae_vit_base_patch16 --image_size 224 --batch_size 256 --steps 50
     python -m recipes.benchmark --data shards --shards '/data/in1k/train-{000000..001023}.tar'
     python -m recipes.benchmark --trainer none --worker_counts '[0, 2, 4, 8]'    # the loader against raw decode
+    python -m recipes.benchmark --model.name mae_vit_2b_patch14 --image_size 224 --strategy deepspeed_stage_3 \
+        --plain false                                     # a model too big for two copies: the Lightning run only
+    python -m recipes.benchmark --trainer swag --model.name regnety_16gf --channels_last true
 
 Both runs: the same weights, batches and seed; warmup_steps untimed steps, then steps timed ones. The Lightning run
-is the recipe's (build_trainer, its callbacks, W&B offline + CSV in <run_dir>/lightning) with checkpoints and
-validation past the end; its end-of-run checkpoint is deleted. The table is printed and, with every figure and
-the config, written to <run_dir>/benchmark.json."""
+is the recipe's (build_trainer with --strategy, its callbacks, W&B offline + CSV in <run_dir>/lightning) with
+checkpoints and validation past the end: no checkpoint is written, and the checkpoint folder is deleted. The plain
+loop is plain PyTorch on the one device whatever --strategy is, so the ratio is Lightning (with that strategy) /
+plain. The table is printed and, with every figure and the config, written to <run_dir>/benchmark.json.
+The GPU suite (python -m benchmarks.gpu_suite) runs the issue's cases through this recipe."""
 
 import copy
 import json
@@ -33,8 +38,8 @@ from datamodules.transforms import eval_transform, finetune_train_transform, mae
 from recipes.cli import parse_config
 from recipes.finetune import ClassificationDataConfig, prepare_data
 from trainers import benchmarking as bench
-from trainers.build import LoggingConfig, TrainerConfig, build_trainer, resolve_precision
-from trainers.callbacks import ImagePanelLogger, ThroughputLogger
+from trainers.build import STRATEGIES, LoggingConfig, TrainerConfig, build_trainer, resolve_precision
+from trainers.callbacks import ImagePanelLogger, StepCheckpoint, ThroughputLogger
 from trainers.checkpoint import CHECKPOINT_DIR
 from trainers.classification import (AugmentConfig, ClassifierConfig, EMAConfig, FinetuneOptimConfig,
                                      ImageClassification, classifier_kwargs)
@@ -75,6 +80,18 @@ class Config:
     """None: bf16-mixed on a GPU, 32-true on the CPU (as build_trainer resolves it)."""
     compile: bool = False
     """torch.compile the model, in both runs."""
+    channels_last: bool = False
+    """Both runs convert the model's 4-D weights (and the synthetic batch) to the channels-last layout, which
+    convolutions (RegNet, the ViT-C stem) run faster in on GPUs; a ViT's only convolution is its patch embedding."""
+    strategy: str = "auto"
+    """The Lightning run's strategy (trainers.build.STRATEGIES: auto, ddp, deepspeed_stage_{1,2,3},
+    deepspeed_stage_{2,3}_offload, fsdp); DeepSpeed and FSDP need CUDA. The plain loop stays plain PyTorch."""
+    plain: bool = True
+    """Also run the plain PyTorch loop; false: the Lightning run only (no plain figures, no ratio), for models
+    that do not fit twice (a 6.5B model's fp32 weights and AdamW states)."""
+    decode: Literal["host", "device"] = "host"
+    """JPEG decoding with --data shards and --trainer none (DataConfig.decode): host (PIL in the loader
+    workers) or device (on the GPU, after the transfer)."""
     num_workers: int = 2
     """Loader worker processes with --data shards."""
     num_classes: int | None = None
@@ -95,6 +112,11 @@ class Config:
             raise ValueError("--warmup_steps, --num_workers and --worker_counts must be >= 0")
         if self.trainer == "finetune" and self.batch_size % 2:
             raise ValueError(f"finetune mixes images in pairs: --batch_size must be even, got {self.batch_size}")
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"Unknown --strategy {self.strategy!r}. Choose one of: {', '.join(STRATEGIES)}.")
+        if self.decode != "host" and self.data == "synthetic" and self.trainer != "none":
+            raise ValueError(f"--decode {self.decode} applies to JPEG shards: add --data shards (or use --trainer "
+                             "none); synthetic batches are made on the device and never decoded.")
 
 
 class Method(NamedTuple):
@@ -140,66 +162,103 @@ def swag(cfg: Config, name: str, data: DataConfig, total: int, run_dir: Path) ->
     return Method(module, data, lambda: hashtag_datamodule(data, vocabulary, seed=cfg.seed), {"vocab": vocab})
 
 
+def skip_checkpoints(trainer: L.Trainer, last_step: int) -> None:
+    """No checkpoint from the Lightning run: its last step counts as saved and there is no last.ckpt. A benchmark's
+    weights are no use, and a big model's DeepSpeed checkpoint (about 14 bytes per parameter: 90 GB for ViT-6.5B)
+    would take minutes after the timed steps and may not fit on the disk."""
+    for callback in trainer.checkpoint_callbacks:
+        if isinstance(callback, StepCheckpoint):
+            callback.note_saved(last_step)
+            callback.save_last = False
+
+
 def training_benchmark(cfg: Config, run_dir: Path, device: torch.device) -> tuple[dict, str]:
     total = cfg.warmup_steps + cfg.steps
-    trainer_cfg = TrainerConfig(max_steps=total, devices=1, precision=cfg.precision,
-                                checkpoint_every_n_steps=total + 1, val_every_n_steps=total + 1)
+    # The Lightning run takes compile and channels-last as users do (--trainer.compile / --trainer.channels_last);
+    # the plain loop applies them by hand.
+    trainer_cfg = TrainerConfig(max_steps=total, devices=1, strategy=cfg.strategy, precision=cfg.precision,
+                                checkpoint_every_n_steps=total + 1, val_every_n_steps=total + 1,
+                                compile=cfg.compile, channels_last=cfg.channels_last)
     precision = resolve_precision(trainer_cfg)
+    # The recipes' own callbacks, as they configure them; the FLOPs per image are filled in once the model exists
+    throughput = ThroughputLogger(cfg.batch_size, trainer_cfg.log_every_n_steps, None,
+                                  get_available_flops(device, torch.bfloat16) if device.type == "cuda" else None)
+    callbacks: list = [throughput]
+    if cfg.trainer == "mae":  # rendered once, after the last step
+        callbacks.append(ImagePanelLogger(run_dir / "lightning" / "images", total + 1, IMAGENET_MEAN, IMAGENET_STD))
+    timer = bench.StepTimer(device)
+    # The Trainer first: build_trainer refuses what cannot run here (DeepSpeed or FSDP without CUDA) with its own
+    # message before the model, the data and the matmul peak take their time.
+    trainer = build_trainer(trainer_cfg, LoggingConfig(name=f"benchmark-{cfg.trainer}"), run_dir / "lightning",
+                            callbacks=[*callbacks, timer], batch_size_per_device=cfg.batch_size, seed=cfg.seed)
+    skip_checkpoints(trainer, total)
+
     name = cfg.model.name or DEFAULT_MODELS[cfg.trainer]
     data = DataConfig(train_shards=cfg.shards, batch_size=cfg.batch_size, num_workers=cfg.num_workers,
-                      image_size=cfg.image_size, batches_per_epoch=total)  # one epoch: no loader restart
+                      image_size=cfg.image_size, batches_per_epoch=total,  # one epoch: no loader restart
+                      decode=cfg.decode)
     method = {"mae": mae, "finetune": finetune, "swag": swag}[cfg.trainer](cfg, name, data, total, run_dir)
     if cfg.data == "shards":
         resolve_shards(method.data)  # the synthetic world unless --shards is given; a spec matching nothing fails
         method.data.val_shards = None  # validation stays out of both runs
-    plain_module = copy.deepcopy(method.module)  # the same weights, untouched by the Lightning run
-    if cfg.compile:
-        method.module.model.compile()
+    flops = bench.flop_check(method.module.model)
+    throughput.flops_per_sample = flops["train_flops_per_image"]
+    # The same weights, untouched by the Lightning run; none when the model is too big to hold twice
+    plain_module = copy.deepcopy(method.module) if cfg.plain else None
+    if plain_module is not None and cfg.channels_last:
+        plain_module.to(memory_format=torch.channels_last)  # 4-D weights only
+    if plain_module is not None and cfg.compile:
         plain_module.model.compile()
+    batches = plain_datamodule = None
     if cfg.data == "synthetic":
-        batches = bench.RepeatedBatch(bench.synthetic_batch(cfg.batch_size, cfg.image_size, device, seed=cfg.seed,
-                                                            **method.synthetic), total)
-        fit_data, plain_datamodule = {"train_dataloaders": batches}, None
+        batch = bench.synthetic_batch(cfg.batch_size, cfg.image_size, device, seed=cfg.seed, **method.synthetic)
+        if cfg.channels_last:
+            batch["image"] = batch["image"].contiguous(memory_format=torch.channels_last)
+        batches = bench.RepeatedBatch(batch, total)  # its copies keep the layout (clone preserves strides)
+        fit_data = {"train_dataloaders": batches}
     else:
-        fit_data, plain_datamodule = {"datamodule": method.datamodule()}, method.datamodule()
+        fit_data = {"datamodule": method.datamodule()}
+        plain_datamodule = method.datamodule() if cfg.plain else None
+        if plain_datamodule is not None:
+            plain_datamodule.decode_device = device  # no Trainer tells it where to decode (--decode device)
 
-    flops, peak = bench.flop_check(plain_module.model), bench.matmul_peak(device)
-    # The recipes' own callbacks, as they configure them
-    callbacks = [ThroughputLogger(cfg.batch_size, trainer_cfg.log_every_n_steps, flops["train_flops_per_image"],
-                                  get_available_flops(device, torch.bfloat16) if device.type == "cuda" else None)]
-    if cfg.trainer == "mae":  # rendered once, after the last step
-        callbacks.append(ImagePanelLogger(run_dir / "lightning" / "images", total + 1, IMAGENET_MEAN, IMAGENET_STD))
-
-    timer = bench.StepTimer(device)
+    peak = bench.matmul_peak(device)
     how = bench.how_measured(device, trainer=cfg.trainer, model=name, image_size=cfg.image_size,
                              data=cfg.data if cfg.data == "synthetic" else f"shards {method.data.train_shards}",
+                             **({"decode": cfg.decode} if cfg.data == "shards" else {}),
                              batch_per_step=cfg.batch_size, steps=f"{cfg.warmup_steps} warm-up + {cfg.steps} timed",
-                             precision=precision, compile=cfg.compile, timing=timer.clock.how,
+                             precision=precision, strategy=cfg.strategy, compile=cfg.compile,
+                             channels_last=cfg.channels_last,
+                             plain_loop="run" if cfg.plain else "not run (--plain false)", timing=timer.clock.how,
                              peak_memory=bench.PeakMemory(device).kind)
     with bench.PeakMemory(device) as lightning_memory:
-        trainer = build_trainer(trainer_cfg, LoggingConfig(name=f"benchmark-{cfg.trainer}"), run_dir / "lightning",
-                                callbacks=[*callbacks, timer], batch_size_per_device=cfg.batch_size, seed=cfg.seed)
         trainer.fit(method.module, **fit_data)
     trainer.loggers[0].experiment.finish()
-    shutil.rmtree(run_dir / "lightning" / CHECKPOINT_DIR, ignore_errors=True)  # a benchmark's weights are no use
+    # A benchmark's weights are no use; DeepSpeed saves directories, hence rmtree (whatever a signal or guard saved)
+    shutil.rmtree(run_dir / "lightning" / CHECKPOINT_DIR, ignore_errors=True)
     del trainer, method, fit_data  # frees the Lightning run's memory before the plain loop is measured
 
-    with bench.PeakMemory(device) as plain_memory:
-        batches, prepare = bench.datamodule_batches(plain_datamodule) if plain_datamodule else (batches, None)
-        plain_ms = bench.plain_loop(plain_module, batches, total, device, precision, cfg.seed, prepare)
+    plain = None
+    if plain_module is not None:
+        with bench.PeakMemory(device) as plain_memory:
+            batches, prepare = bench.datamodule_batches(plain_datamodule) if plain_datamodule else (batches, None)
+            plain = (bench.plain_loop(plain_module, batches, total, device, precision, cfg.seed, prepare),
+                     plain_memory)
 
     report = bench.benchmark_report(how, flops, peak, cfg.warmup_steps, cfg.batch_size,
-                                    lightning=(timer.step_ms(), lightning_memory), plain=(plain_ms, plain_memory))
+                                    lightning=(timer.step_ms(), lightning_memory), plain=plain)
     return report, bench.format_report(report)
 
 
 def loader_report(cfg: Config, device: torch.device) -> tuple[dict, str]:
-    data = DataConfig(train_shards=cfg.shards, batch_size=cfg.batch_size, image_size=cfg.image_size)
+    data = DataConfig(train_shards=cfg.shards, batch_size=cfg.batch_size, image_size=cfg.image_size,
+                      decode=cfg.decode)
     resolve_shards(data)
     rows = loader_benchmark(data, mae_train_transform(cfg.image_size), cfg.worker_counts, cfg.steps)
     how = bench.how_measured(device, shards=data.train_shards, transform="MAE training", image_size=cfg.image_size,
-                             batch=cfg.batch_size, timed_batches=cfg.steps)
-    table = format_loader_table(rows, f"MAE training transform, {cfg.image_size} px, batch {cfg.batch_size}")
+                             batch=cfg.batch_size, timed_batches=cfg.steps, decode=cfg.decode)
+    table = format_loader_table(rows, f"MAE training transform, {cfg.image_size} px, batch {cfg.batch_size}, "
+                                      f"{cfg.decode} decode")
     return {"how_measured": how, "loader": rows}, f"{bench.format_how(how)}\n\n{table}"
 
 

@@ -362,12 +362,21 @@ def run_figures(step_ms: Sequence[float], warmup_steps: int, batch_size: int, tr
 
 
 def benchmark_report(how: dict, flops: dict, peak: dict, warmup_steps: int, batch_size: int, *,
-                     lightning: tuple[Sequence[float], PeakMemory], plain: tuple[Sequence[float], PeakMemory]) -> dict:
-    """Every figure of the two runs (each given as its step milliseconds and its PeakMemory) and their ratio."""
-    runs = {name: run_figures(step_ms, warmup_steps, batch_size, flops["train_flops_per_image"],
-                              peak["flops_per_sec"], memory)
-            for name, (step_ms, memory) in (("lightning", lightning), ("plain", plain))}
-    ratio = {key: runs["lightning"][key] / runs["plain"][key] for key in ("images_per_sec", "step_ms_median")}
+                     lightning: tuple[Sequence[float], PeakMemory],
+                     plain: tuple[Sequence[float], PeakMemory] | None = None) -> dict:
+    """Every figure of the two runs (each given as its step milliseconds and its PeakMemory) and their ratio.
+    Without a plain run (``plain`` None), ``plain`` and ``ratio_lightning_over_plain`` are None."""
+    def figures(run: tuple[Sequence[float], PeakMemory] | None) -> dict | None:
+        if run is None:
+            return None
+        step_ms, memory = run
+        return run_figures(step_ms, warmup_steps, batch_size, flops["train_flops_per_image"], peak["flops_per_sec"],
+                           memory)
+
+    runs = {"lightning": figures(lightning), "plain": figures(plain)}
+    ratio = None
+    if runs["plain"] is not None:
+        ratio = {key: runs["lightning"][key] / runs["plain"][key] for key in ("images_per_sec", "step_ms_median")}
     return {"how_measured": how, "flops": flops, "peak": peak, **runs, "ratio_lightning_over_plain": ratio}
 
 
@@ -380,12 +389,16 @@ def format_report(report: dict) -> str:
     rows = [("", "images/s", "median ms", "min ms", "max ms", "TFLOP/s", "MFU", "peak mem")]
     for name, key in (("Lightning", "lightning"), ("plain PyTorch", "plain")):
         r = report[key]
+        if r is None:
+            rows.append((name, "not run", "", "", "", "", "", ""))
+            continue
         rows.append((name, _num(r["images_per_sec"]), _num(r["step_ms_median"]), _num(r["step_ms_min"]),
                      _num(r["step_ms_max"]), _num(r["achieved_flops_per_sec"], scale=1e12),
                      _num(r["mfu"] and 100 * r["mfu"], "%", digits=3), _num(r["peak_memory_bytes"], " GB", 1e9)))
     ratio = report["ratio_lightning_over_plain"]
-    rows.append(("Lightning / plain", f"{ratio['images_per_sec']:.3f}", f"{ratio['step_ms_median']:.3f}",
-                 "", "", "", "", ""))
+    if ratio is not None:
+        rows.append(("Lightning / plain", f"{ratio['images_per_sec']:.3f}", f"{ratio['step_ms_median']:.3f}",
+                     "", "", "", "", ""))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     table = "\n".join("  " + "  ".join(cell.ljust(w) if i == 0 else cell.rjust(w)
                                        for i, (cell, w) in enumerate(zip(row, widths))) for row in rows)
@@ -402,4 +415,6 @@ def format_report(report: dict) -> str:
         + (_num(p["spec_bf16_flops_per_sec"], " TFLOP/s", 1e12) if p.get("spec_bf16_flops_per_sec") else "unknown"),
         "MFU = achieved / measured peak",
     ]
+    if ratio is None:
+        lines.append("plain PyTorch loop not run (--plain false): no plain figures and no Lightning / plain ratio")
     return "\n".join(lines)

@@ -8,11 +8,11 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import LearningRateMonitor
+from lightning.pytorch.callbacks import LearningRateMonitor, TQDMProgressBar
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_info
 
-from trainers.callbacks import DestroyProcessGroup, StepCheckpoint
+from trainers.callbacks import DestroyProcessGroup, SpeedOptions, StepCheckpoint
 from trainers.checkpoint import CHECKPOINT_DIR, AtomicCheckpointIO
 from trainers.cluster import check_allocation, slurm_plugins
 from trainers.guards import NonFiniteLossGuard
@@ -63,6 +63,10 @@ class TrainerConfig:
     """Skip a step whose loss is NaN/inf; stop (with a checkpoint) after this many in a row. 0 turns the guard off."""
     signal_check_every_n_steps: int = 1
     """Steps between checks (one tiny all-reduce) for SIGUSR1/SIGTERM; the run saves and stops at the next check."""
+    compile: bool = False
+    """torch.compile the model before the first step (see BENCHMARKS.md for where it pays)."""
+    channels_last: bool = False
+    """Run convolutions in the channels-last layout (conv models such as RegNet; see BENCHMARKS.md)."""
 
     def __post_init__(self):
         if self.strategy not in STRATEGIES:
@@ -162,7 +166,7 @@ def build_trainer(cfg: TrainerConfig, logging: LoggingConfig, run_dir: str | Pat
     )
     fault_tolerance = [RandomStateCheckpoint(seed), PreemptionHandler(run_dir, cfg.signal_check_every_n_steps)]
     if cfg.max_nonfinite_steps:
-        fault_tolerance.append(NonFiniteLossGuard(run_dir, cfg.max_nonfinite_steps))
+        fault_tolerance.append(NonFiniteLossGuard(run_dir, cfg.max_nonfinite_steps, cfg.log_every_n_steps))
     precision = resolve_precision(cfg)
     strategy = build_strategy(cfg.strategy, batch_size_per_device=batch_size_per_device, precision=precision,
                               accumulate_grad_batches=cfg.accumulate_grad_batches,
@@ -187,7 +191,10 @@ def build_trainer(cfg: TrainerConfig, logging: LoggingConfig, run_dir: str | Pat
         accumulate_grad_batches=cfg.accumulate_grad_batches,
         deterministic=cfg.deterministic,
         logger=[wandb_logger, csv_logger],
-        callbacks=[checkpoints, LearningRateMonitor(logging_interval="step"), DestroyProcessGroup(), *callbacks,
+        # The bar reads the logged loss back from the device when it redraws: at the logging cadence, not every step.
+        callbacks=[checkpoints, LearningRateMonitor(logging_interval="step"), DestroyProcessGroup(),
+                   TQDMProgressBar(refresh_rate=cfg.log_every_n_steps), SpeedOptions(cfg.compile, cfg.channels_last),
+                   *callbacks,
                    TrimMetricsOnResume(),
                    *fault_tolerance],
         plugins=plugins,

@@ -1,5 +1,6 @@
-"""Callbacks shared by every method: checkpoint cadence, throughput, image panels, clean shutdown."""
+"""Callbacks shared by every method: checkpoint cadence, throughput, image panels, clean shutdown, speed options."""
 
+import contextlib
 import time
 from pathlib import Path
 
@@ -97,12 +98,18 @@ class ImagePanelLogger(Callback):
 
     @torch.no_grad()
     def render(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self.images is None or not trainer.is_global_zero:
+        # Every rank runs the model (ZeRO-3 and FSDP gather sharded weights with collectives all ranks must join);
+        # rank 0 writes. The images take the weights' dtype: DeepSpeed's bf16 keeps bf16 weights.
+        if self.images is None:
             return
+        dtype = next((p.dtype for p in pl_module.parameters() if p.is_floating_point()), torch.float32)
         was_training = pl_module.training
         pl_module.eval()
-        panels = pl_module.image_panels(self.images.to(pl_module.device))
+        with _full_weights(trainer):
+            panels = pl_module.image_panels(self.images.to(pl_module.device, dtype))
         pl_module.train(was_training)
+        if not trainer.is_global_zero:
+            return
         rows = [(p.float().cpu() * self.std + self.mean).clamp(0, 1) for p in panels.values()]
         # one column per image, one row per panel kind
         grid = make_grid(torch.cat(rows), nrow=len(self.images), padding=1)
@@ -115,6 +122,17 @@ class ImagePanelLogger(Callback):
                 logger.log_image("images/panels", [grid], step=trainer.global_step, caption=[caption])
 
 
+def _full_weights(trainer: L.Trainer):
+    """FSDP keeps the root module's own weights sharded outside its forward: gather them for a direct call."""
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    if isinstance(trainer.strategy, FSDPStrategy):
+        from torch.distributed.fsdp import FullyShardedDataParallel
+
+        return FullyShardedDataParallel.summon_full_params(trainer.strategy.model, writeback=False)
+    return contextlib.nullcontext()
+
+
 class DestroyProcessGroup(Callback):
     """Tear the process group down at the end of fit: an orphaned gloo group aborts the process at
     exit now and then ("terminate called without an active exception")."""
@@ -123,3 +141,31 @@ class DestroyProcessGroup(Callback):
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.barrier()
             torch.distributed.destroy_process_group()
+
+
+class SpeedOptions(Callback):
+    """Opt-in speed-ups that change how the model runs, not what it computes.
+
+    ``compile``: ``torch.compile`` the LightningModule's ``model`` in place (``nn.Module.compile``, so checkpoint
+    keys do not change) before the first step. ``channels_last``: 4-D weights and the training images in the
+    channels-last layout, which convolutions (RegNet, the ViT-C stem) run faster in on GPUs; a ViT's only
+    convolution is its patch embedding. Whether either pays is measured by ``python -m recipes.benchmark
+    --compile / --channels_last`` (BENCHMARKS.md)."""
+
+    def __init__(self, compile: bool = False, channels_last: bool = False):
+        self.compile = compile
+        self.channels_last = channels_last
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        if self.channels_last:
+            pl_module.to(memory_format=torch.channels_last)
+        if self.compile:
+            model = getattr(pl_module, "model", None)
+            if not isinstance(model, torch.nn.Module):
+                raise ValueError(f"trainer.compile: {type(pl_module).__name__} has no `model` submodule to compile.")
+            model.compile()
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        image = batch.get("image") if self.channels_last and isinstance(batch, dict) else None
+        if isinstance(image, torch.Tensor) and image.ndim == 4:
+            batch["image"] = image.contiguous(memory_format=torch.channels_last)

@@ -121,3 +121,12 @@ def max_over_ranks(trainer, value: int | torch.Tensor) -> int:
     if trainer.world_size > 1 and torch.distributed.is_initialized():
         torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.MAX)
     return int(tensor.item())
+
+
+def max_over_ranks_on_device(trainer, value: torch.Tensor) -> torch.Tensor:
+    """The largest of every rank's ``value``, left on the device: the all-reduce is queued on the stream and
+    nothing waits for it, so a step can use the agreed value without a host-device synchronisation."""
+    if trainer.world_size > 1 and torch.distributed.is_initialized():
+        value = value.clone()
+        torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MAX)
+    return value

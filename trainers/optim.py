@@ -90,9 +90,10 @@ def with_lr_scale(param_groups: list[dict], lr: float) -> list[dict]:
 
 
 def build_adamw(param_groups: list[dict], cfg: OptimConfig, lr: float) -> torch.optim.AdamW:
-    # Fused AdamW is one kernel per step on CUDA; it is unavailable on the CPU.
-    on_cuda = any(p.is_cuda for g in param_groups for p in g["params"])
-    return torch.optim.AdamW(with_lr_scale(param_groups, lr), lr=lr, betas=tuple(cfg.betas), fused=on_cuda or None)
+    # Fused AdamW: one kernel per step, and it can skip a step on the device (found_inf), which the
+    # non-finite loss guard uses instead of reading the loss back each step (trainers/guards.py).
+    fused = all(p.device.type in ("cuda", "cpu") for g in param_groups for p in g["params"])
+    return torch.optim.AdamW(with_lr_scale(param_groups, lr), lr=lr, betas=tuple(cfg.betas), fused=fused or None)
 
 
 def build_warmup_cosine(optimizer: torch.optim.Optimizer, cfg, lr: float, total_steps: int):

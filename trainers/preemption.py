@@ -6,12 +6,19 @@ of whatever the process was doing (an optimizer step, a collective another rank 
 handler broadcasts from inside a handler too. Here a handler only records the signal; at the next step
 boundary the ranks agree (a MAX all-reduce, so a signal seen by any rank counts), every rank takes part in
 one checkpoint, and the run stops cleanly.
+
+The agreement never makes a step wait for the GPU. With several ranks on GPUs the all-reduce is queued on the
+device at one check, its result copied to pinned host memory behind it, and read at the next check (waiting
+at most for the work queued before it, one check interval ago); every rank reads the same result at the same
+step, so they stop together, one check interval after the signal. One rank, or ranks on the CPU, agree at once.
 """
 
 import logging
 import signal
 from pathlib import Path
 
+import torch
+import torch.distributed as dist
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import WandbLogger
 
@@ -34,6 +41,7 @@ class PreemptionHandler(Callback):
         self.requeued = False
         self._want_requeue = False
         self.checkpoint: Path | None = None
+        self._in_flight: tuple[torch.Tensor, torch.cuda.Event] | None = None
         # Installed now so that a signal during start-up is remembered instead of killing the process
         # (SIGUSR1's default action is to terminate).
         self._install()
@@ -56,6 +64,12 @@ class PreemptionHandler(Callback):
 
     def on_train_start(self, trainer, pl_module) -> None:
         self._install()
+        # Lightning >= 2.5 broadcasts its own SIGTERM flag from rank 0 and reads it back at every step under DDP
+        # (training_epoch_loop.py, _broadcast_sigterm_tensor): a host-device sync per step. Its SIGTERM handler is
+        # replaced above, so that flag is always 0; the agreement below covers both signals.
+        epoch_loop = trainer.fit_loop.epoch_loop
+        if hasattr(epoch_loop, "_broadcast_sigterm_tensor"):
+            epoch_loop._broadcast_sigterm_tensor = lambda: None
 
     def teardown(self, trainer, pl_module, stage) -> None:
         for signum, handler in self._previous.items():
@@ -67,7 +81,7 @@ class PreemptionHandler(Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if self.stopped_at is not None or trainer.global_step % self.check_every_n_steps:
             return
-        action = max_over_ranks(trainer, self._received)
+        action = self._agreed(trainer)
         if action == _NONE:
             return
         step = trainer.global_step
@@ -84,6 +98,25 @@ class PreemptionHandler(Callback):
         trainer.should_stop = True
         what = "SIGUSR1 (time limit near)" if action == _REQUEUE else "SIGTERM"
         log.warning("Received %s: saved %s at step %d; stopping.", what, self.checkpoint, step)
+
+    def _agreed(self, trainer) -> int:
+        """The strongest signal any rank had received by the previous check (by this one where nothing waits)."""
+        device = trainer.strategy.root_device
+        if trainer.world_size == 1 or not dist.is_initialized() or device.type != "cuda":
+            return max_over_ranks(trainer, self._received)
+        agreed = _NONE
+        if self._in_flight is not None:
+            host, done = self._in_flight
+            done.synchronize()
+            agreed = int(host.item())  # pinned host memory: no device access
+        flag = torch.full((1,), self._received, dtype=torch.int32, device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        host = torch.empty(1, dtype=torch.int32, pin_memory=True)
+        host.copy_(flag, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record()
+        self._in_flight = (host, done)
+        return agreed
 
     def _hpc_path(self) -> Path:
         numbers = [int(p.stem.rsplit("_", 1)[-1]) for p in self.checkpoint_dir.glob("hpc_ckpt_*.ckpt")

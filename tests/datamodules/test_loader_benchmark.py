@@ -2,10 +2,12 @@
 exact image counts, worker counts 0 and 1, warm-up excluded from the clock, and the table. No timing assertions."""
 
 import io
+import math
 import types
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 import datamodules.loader_benchmark as lb
@@ -18,7 +20,7 @@ from datamodules.transforms import mae_train_transform
 BATCH = 4
 BATCHES = 3
 ROW_KEYS = {"workers", "datamodule_images_per_sec", "raw_decode_images_per_sec", "ratio", "datamodule_images",
-            "datamodule_seconds", "raw_decode_images", "raw_decode_seconds"}
+            "datamodule_seconds", "raw_decode_images", "raw_decode_seconds", "decode"}
 
 
 def _jpeg(seed: int) -> bytes:
@@ -53,7 +55,7 @@ def rows(spec):
 def test_rows_are_complete_and_consistent(rows):
     assert [row["workers"] for row in rows] == [0, 1]
     for row in rows:
-        assert set(row) == ROW_KEYS
+        assert set(row) == ROW_KEYS and row["decode"] == "host"
         assert row["datamodule_images"] == BATCHES * BATCH
         assert row["raw_decode_images"] == BATCHES * BATCH
         for side in ("datamodule", "raw_decode"):
@@ -72,6 +74,7 @@ def test_table_has_the_how_line_and_one_line_per_row(rows):
         cells = line.split()
         assert cells[0] == str(row["workers"])
         assert float(cells[3]) == pytest.approx(row["ratio"], abs=5e-4)
+        assert cells[-1] == row["decode"]
     with pytest.raises(ValueError, match="one line"):
         format_loader_table(rows, "two\nlines")
 
@@ -111,6 +114,38 @@ def test_warmup_is_excluded_from_the_clock(monkeypatch):
     assert lb._timed(iter([5, 6, 7]), warmup=1, count=int) == (13, 2.0)
     arrivals = iter([0.0, 10.0, 11.0])
     assert lb._timed(iter([5, 6]), warmup=0, count=int) == (11, 11.0)
+
+
+def test_device_decode_rows_measure_the_device_path(spec):
+    """decode="device" on the CPU: the datamodule side decodes in on_after_batch_transfer; rows as for the host."""
+    cfg = DataConfig(train_shards=spec, batch_size=BATCH, image_size=8, shuffle_buffer=8, decode="device")
+    (row,) = loader_benchmark(cfg, mae_train_transform(8), [0], BATCHES, device="cpu")
+    assert set(row) == ROW_KEYS and row["decode"] == "device"
+    assert row["datamodule_images"] == row["raw_decode_images"] == BATCHES * BATCH
+    for side in ("datamodule", "raw_decode"):
+        assert math.isfinite(row[f"{side}_images_per_sec"]) and row[f"{side}_images_per_sec"] > 0
+    assert row["ratio"] == pytest.approx(row["datamodule_images_per_sec"] / row["raw_decode_images_per_sec"])
+    assert format_loader_table([row], "how").splitlines()[2].split()[-1] == "device"
+
+
+def test_device_batches_reach_the_timed_window_normalised(spec, monkeypatch):
+    seen = []
+    timed = lb._timed
+    monkeypatch.setattr(lb, "_timed", lambda items, *args: timed((seen.append(b) or b for b in items), *args))
+    cfg = DataConfig(train_shards=spec, batch_size=BATCH, image_size=8, shuffle_buffer=0, decode="device")
+    datamodule_rate(cfg, mae_train_transform(8), num_workers=0, batches=2, warmup_batches=1, device="cpu")
+    assert len(seen) == 3
+    assert all(b["image"].dtype == torch.float32 and b["image"].shape == (BATCH, 3, 8, 8) for b in seen)
+
+
+def test_the_device_sync_closes_the_timed_window(monkeypatch):
+    # Clock reads: the first request (0), the warm-up item after its sync (10), and the end after the final sync
+    # (13): items after the warm-up read no clock, so no per-batch sync is needed.
+    arrivals = iter([0.0, 10.0, 13.0])
+    monkeypatch.setattr(lb, "time", types.SimpleNamespace(perf_counter=lambda: next(arrivals)))
+    syncs = []
+    assert lb._timed(iter([5, 6, 7]), warmup=1, count=int, finish=lambda: syncs.append(1)) == (13, 3.0)
+    assert len(syncs) == 2  # after the warm-up item, and once at the end
 
 
 @pytest.mark.parametrize("call, message", [

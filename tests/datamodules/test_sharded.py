@@ -508,3 +508,16 @@ def test_only_required_image_fields_are_decoded(tmp_path):
         assert isinstance(sample["mask.png"], mask_type)
     assert sample["mask.png"].mode == "L"  # ids keep their mode
     assert int(sample["cls"]) == 3
+
+
+@pytest.mark.parametrize("precision, dtype", [("bf16-true", torch.bfloat16), ("32-true", torch.float32)])
+def test_images_normalised_on_the_device_take_the_precisions_input_dtype(precision, dtype):
+    # Lightning casts a batch for the precision before the transfer, while its images are still uint8; a bf16-true
+    # (or DeepSpeed bf16) model must still get bf16 images.
+    dm = ShardedDataModule(DataConfig(), mae_train_transform(8), eval_transform(8))
+    dm.trainer = L.Trainer(accelerator="cpu", precision=precision, logger=False, enable_progress_bar=False,
+                           enable_checkpointing=False)
+    batch = dm.on_after_batch_transfer({"image": torch.full((2, 3, 8, 8), 255, dtype=torch.uint8),
+                                        "label": torch.tensor([1, 2])}, 0)
+    assert batch["image"].dtype == dtype and batch["label"].dtype == torch.int64
+    assert batch["image"][0, 0, 0, 0].item() == pytest.approx((1 - 0.485) / 0.229, rel=1e-2)

@@ -141,3 +141,114 @@ def test_gpu_benchmark_in_bf16(run_recipe, tmp_path):
     assert report["peak"]["dtype"] == "bfloat16" and report["peak"]["size"] == 8192
     assert report["lightning"]["timed_steps"] == report["plain"]["timed_steps"] == 4
     assert all(report[name]["peak_memory_bytes"] > 0 and 0 < report[name]["mfu"] < 1 for name in ("lightning", "plain"))
+
+
+# ---- --plain, --channels_last, --strategy, --decode (the GPU suite's flags) -------------------------------------
+
+TWO_STEPS = ["--image_size", "32", "--batch_size", "4", "--warmup_steps", "1", "--steps", "2"]
+
+
+def test_plain_false_runs_and_reports_the_lightning_run_only(tmp_path, capsys, monkeypatch):
+    from trainers import benchmarking
+
+    def no_plain_loop(*args, **kwargs):
+        raise AssertionError("--plain false ran the plain loop")
+
+    monkeypatch.setattr(benchmarking, "plain_loop", no_plain_loop)
+    cfg, _ = parse_config(Config, ["--plain", "false", "--run_dir", str(tmp_path), *TWO_STEPS])
+    main(cfg)
+    report = json.loads((tmp_path / "benchmark.json").read_text())
+    assert report["plain"] is None and report["ratio_lightning_over_plain"] is None  # null in the JSON
+    run = report["lightning"]
+    assert run["timed_steps"] == 2 and run["images_per_sec"] == pytest.approx(2 * 4 / (sum(run["step_ms"]) / 1000))
+    assert run["mfu"] == pytest.approx(run["achieved_flops_per_sec"] / report["peak"]["flops_per_sec"])
+    assert report["how_measured"]["plain_loop"] == "not run (--plain false)" and report["config"]["plain"] is False
+    out = capsys.readouterr().out
+    assert "plain PyTorch loop not run (--plain false)" in out
+    assert out.count("Lightning / plain") == 1  # in that note only: no ratio row in the table
+    assert not (tmp_path / "lightning" / "checkpoints").exists()
+
+
+def test_channels_last_reaches_the_model_and_the_batch_of_both_runs(tmp_path, monkeypatch):
+    """A conv model (RegNetY-200MF under the SWAG trainer): the stem's weight and the images each step sees are in
+    the channels-last layout, in the Lightning run and in the plain loop."""
+    from trainers import benchmarking
+
+    seen = []
+
+    def layout(module, image):
+        weight = next(p for p in module.parameters() if p.ndim == 4)
+        return (weight.is_contiguous(memory_format=torch.channels_last) and not weight.is_contiguous(),
+                image.is_contiguous(memory_format=torch.channels_last) and not image.is_contiguous())
+
+    start = benchmarking.StepTimer.on_train_batch_start
+
+    def lightning_step(self, trainer, pl_module, batch, batch_idx):
+        seen.append(("lightning", *layout(pl_module, batch["image"])))
+        start(self, trainer, pl_module, batch, batch_idx)
+
+    loop = benchmarking.plain_loop
+
+    def plain_loop(module, batches, *args, **kwargs):
+        batches = list(batches)
+        seen.extend(("plain", *layout(module, batch["image"])) for batch in batches)
+        return loop(module, batches, *args, **kwargs)
+
+    monkeypatch.setattr(benchmarking.StepTimer, "on_train_batch_start", lightning_step)
+    monkeypatch.setattr(benchmarking, "plain_loop", plain_loop)
+    cfg, _ = parse_config(Config, ["--trainer", "swag", "--model.name", "regnety_200mf", "--num_classes", "10",
+                                   "--channels_last", "true", "--run_dir", str(tmp_path), *TWO_STEPS])
+    report = main(cfg)
+    assert report["how_measured"]["channels_last"] is True
+    assert report["lightning"]["timed_steps"] == report["plain"]["timed_steps"] == 2
+    assert {run for run, *_ in seen} == {"lightning", "plain"}
+    assert all(weight and image for _, weight, image in seen), seen
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="DeepSpeed runs where there is a GPU")
+def test_deepspeed_on_the_cpu_fails_with_build_trainers_error_before_anything_slow(tmp_path, monkeypatch):
+    import recipes.benchmark as recipe
+
+    def slow(*args, **kwargs):
+        raise AssertionError("reached the model, the data or the matmul peak")
+
+    monkeypatch.setattr(recipe, "mae", slow)
+    monkeypatch.setattr(recipe.bench, "matmul_peak", slow)
+    cfg, _ = parse_config(Config, ["--strategy", "deepspeed_stage_2", "--run_dir", str(tmp_path), *TWO_STEPS])
+    with pytest.raises(ValueError, match=r"trainer.strategy='deepspeed_stage_2' needs CUDA GPUs"):
+        main(cfg)
+    assert not (tmp_path / "benchmark.json").exists()
+
+
+def test_strategy_and_decode_flags_are_checked_up_front(capsys):
+    cfg, _ = parse_config(Config, ["--strategy", "deepspeed_stage_3_offload", "--plain", "false"])
+    assert cfg.strategy == "deepspeed_stage_3_offload" and cfg.plain is False and cfg.decode == "host"
+    with pytest.raises(SystemExit):
+        parse_config(Config, ["--strategy", "zero9"])
+    err = capsys.readouterr().err
+    assert "Unknown --strategy 'zero9'" in err and "deepspeed_stage_2" in err
+    with pytest.raises(SystemExit):
+        parse_config(Config, ["--decode", "device"])  # synthetic batches are never decoded
+    assert "--decode device applies to JPEG shards" in capsys.readouterr().err
+    cfg, _ = parse_config(Config, ["--trainer", "none", "--decode", "device"])
+    assert cfg.decode == "device"
+
+
+def test_decode_reaches_the_loader_benchmark(shards, tmp_path, monkeypatch):
+    import recipes.benchmark as recipe
+
+    decodes = []
+    measure = recipe.loader_benchmark
+
+    def loader_benchmark(data, *args):
+        decodes.append(data.decode)
+        return measure(data, *args)
+
+    monkeypatch.setattr(recipe, "loader_benchmark", loader_benchmark)
+    cfg, _ = parse_config(Config, ["--trainer", "none", "--decode", "device", "--worker_counts", "[0]", "--shards",
+                                   shards, "--run_dir", str(tmp_path), "--image_size", "16", "--batch_size", "4",
+                                   "--steps", "2"])
+    report = main(cfg)
+    assert decodes == ["device"]
+    assert report["how_measured"]["decode"] == "device" and report["config"]["decode"] == "device"
+    assert [row["workers"] for row in report["loader"]] == [0] and report["loader"][0]["datamodule_images_per_sec"] > 0
