@@ -7,9 +7,9 @@ weights and optimizer state are untouched. After ``max_consecutive`` bad steps i
 with a checkpoint; since the bad steps changed nothing, it holds the weights and optimizer state from
 before the first of them.
 
-Two ways to skip, chosen when fit starts:
+Two ways to skip, chosen when training starts:
 
-- On the device, without waiting for it (fused Adam/AdamW, the optimizer of every pretraining recipe):
+- On the device, without waiting for it (fused Adam/AdamW, the default optimizer of every pretraining recipe):
   the ranks' "bad" flags are combined by an all-reduce on the device and handed to the fused kernel as
   ``found_inf``, the argument torch's GradScaler uses to skip a step (torch/optim/adam.py: the kernel
   returns early and the step count is rolled back). Backward still runs on the NaN loss; its gradients
