@@ -38,7 +38,8 @@ def random_blob_masks(n: int, height: int, width: int, seed: int = 0, chunk: int
 
 
 def opencv_boundary(mask: np.ndarray, dilation_ratio: float) -> np.ndarray:
-    """The reference formulation (uint8 in, uint8 out), written out from its description in methods.md §10.1."""
+    """The reference formulation (uint8 in, uint8 out): bowenc0221/boundary-iou-api
+    boundary_iou/utils/boundary_utils.py:mask_to_boundary (Cheng et al., Boundary IoU, arXiv 2103.16562)."""
     h, w = mask.shape
     d = boundary_width(h, w, dilation_ratio)
     padded = cv2.copyMakeBorder(mask, 1, 1, 1, 1, cv2.BORDER_CONSTANT, value=0)
@@ -57,7 +58,7 @@ def _median_time(fn, repeats: int, sync=lambda: None) -> float:
     return statistics.median(times)
 
 
-def main(argv: list[str] | None = None) -> dict:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--masks", type=int, default=1000, help="number of masks")
     ap.add_argument("--height", type=int, default=480)
@@ -71,18 +72,18 @@ def main(argv: list[str] | None = None) -> dict:
     args = ap.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         ap.error("--device cuda: no CUDA device is visible; use --device cpu")
-    torch.set_num_threads(args.threads)
-    cv2.setNumThreads(args.threads)
+    return args
 
-    n, h, w, ratio = args.masks, args.height, args.width, args.dilation_ratio
-    masks = random_blob_masks(n, h, w, args.seed)
+
+def measure(args: argparse.Namespace, masks: np.ndarray) -> tuple[dict, dict]:
+    """Seconds per pass of each method over ``masks`` (median of ``args.repeats``), and whether each of ours is
+    byte-identical to OpenCV's."""
+    n, ratio = len(masks), args.dilation_ratio
     device = torch.device(args.device)
     masks_dev = torch.from_numpy(masks).to(device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-
-    ref = np.empty_like(masks)
+    ref, ours_numpy = np.empty_like(masks), np.empty_like(masks)
     ours_torch = torch.empty_like(masks_dev)
-    ours_numpy = np.empty_like(masks)
 
     def run_opencv():
         for i in range(n):
@@ -97,30 +98,37 @@ def main(argv: list[str] | None = None) -> dict:
             ours_numpy[i] = mask_to_boundary(masks[i], ratio)
 
     run_torch()  # warm-up (CUDA context, allocator)
-    t_cv = _median_time(run_opencv, args.repeats)
-    t_torch = _median_time(run_torch, args.repeats, sync)
-    t_np = _median_time(run_numpy, args.repeats)
-    same_torch = bool(np.array_equal(ours_torch.cpu().numpy(), ref))
-    same_numpy = bool(np.array_equal(ours_numpy, ref))
+    seconds = {"opencv": _median_time(run_opencv, args.repeats), "torch": _median_time(run_torch, args.repeats, sync),
+               "numpy": _median_time(run_numpy, args.repeats)}
+    same = {"torch": bool(np.array_equal(ours_torch.cpu().numpy(), ref)),
+            "numpy": bool(np.array_equal(ours_numpy, ref))}
+    return seconds, same
 
-    rate = {k: n / t for k, t in (("opencv", t_cv), ("torch", t_torch), ("numpy", t_np))}
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    cv2.setNumThreads(args.threads)
+    n, h, w, ratio = args.masks, args.height, args.width, args.dilation_ratio
+    masks = random_blob_masks(n, h, w, args.seed)
+    seconds, same = measure(args, masks)
+    rate = {k: n / t for k, t in seconds.items()}
     d = boundary_width(h, w, ratio)
-    fg = float(masks.mean())
     print("mask_to_boundary benchmark (Boundary IoU)")
-    print(f"  masks: {n} x {h}x{w} uint8 random blobs (seed {args.seed}, {fg:.1%} foreground), "
+    print(f"  masks: {n} x {h}x{w} uint8 random blobs (seed {args.seed}, {float(masks.mean()):.1%} foreground), "
           f"dilation_ratio {ratio} -> d = {d}")
     print(f"  measured: wall time of one pass over all masks, median of {args.repeats} repeats after one torch "
           f"warm-up; torch {torch.__version__} threads {torch.get_num_threads()}, OpenCV {cv2.__version__} "
-          f"threads {cv2.getNumThreads()}; our torch path on {device} in batches of {args.batch}, masks already "
+          f"threads {cv2.getNumThreads()}; our torch path on {args.device} in batches of {args.batch}, masks already "
           "on the device")
-    print(f"  OpenCV reference, per mask : {rate['opencv']:10.1f} masks/s  ({t_cv:.3f} s)")
-    print(f"  ours, torch batched ({device.type:4s}) : {rate['torch']:10.1f} masks/s  ({t_torch:.3f} s)")
-    print(f"  ours, numpy, per mask      : {rate['numpy']:10.1f} masks/s  ({t_np:.3f} s)")
+    print(f"  OpenCV reference, per mask : {rate['opencv']:10.1f} masks/s  ({seconds['opencv']:.3f} s)")
+    print(f"  ours, torch batched ({args.device:4s}) : {rate['torch']:10.1f} masks/s  ({seconds['torch']:.3f} s)")
+    print(f"  ours, numpy, per mask      : {rate['numpy']:10.1f} masks/s  ({seconds['numpy']:.3f} s)")
     yes_no = {True: "yes", False: "NO"}
-    print(f"  byte-identical to OpenCV   : torch {yes_no[same_torch]}, numpy {yes_no[same_numpy]}")
+    print(f"  byte-identical to OpenCV   : torch {yes_no[same['torch']]}, numpy {yes_no[same['numpy']]}")
     print(f"  ratio ours/OpenCV (masks/s): torch {rate['torch'] / rate['opencv']:.2f}x, "
           f"numpy {rate['numpy'] / rate['opencv']:.2f}x")
-    return {"masks_per_s": rate, "identical": same_torch and same_numpy, "d": d,
+    return {"masks_per_s": rate, "identical": same["torch"] and same["numpy"], "d": d,
             "ratio_torch": rate["torch"] / rate["opencv"], "ratio_numpy": rate["numpy"] / rate["opencv"]}
 
 

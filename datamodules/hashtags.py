@@ -347,10 +347,10 @@ class HashtagResampler:
     no training signal. The coin is a hash of (seed, epoch, sample key), so a rerun, and a resumed stream,
     drops exactly the same samples; a sample met twice in an epoch gets the same decision.
 
-    SWAG resampled its 3.6B unique images so that one epoch is ~5B samples (facebookresearch/SWAG paper, via
-    a secondary source; methods.md §3): rare hashtags are up-sampled. The exact rule is unpublished. Rejection
-    only drops samples, but on a resampled (infinite) shard stream it gives the same sample distribution at the
-    cost of reading more data: ``expected_keep_fraction`` tells roughly how much.
+    SWAG resampled its 3.6B unique images so that one epoch is ~5B samples (Singh et al. 2022, as quoted by a
+    secondary source, not checked against the paper): rare hashtags are up-sampled. The exact rule is
+    unpublished. Rejection only drops samples, but on a resampled (infinite) shard stream it gives the same
+    sample distribution at the cost of reading more data: ``expected_keep_fraction`` tells roughly how much.
     """
 
     def __init__(self, vocabulary: Vocabulary, power: float = 0.5, seed: int = 0):

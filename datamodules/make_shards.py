@@ -8,6 +8,11 @@
 Every input that cannot be used is counted under a reason (printed at the end and stored in the
 index's ``skipped``); nothing is dropped silently. Exit code 0 on success, 1 if nothing could be
 written, 2 for bad arguments or a missing input.
+
+Shard sizes: a set of at least min_shards x max_count inputs (default 8 x 1000) goes into shards of
+max_count samples; a smaller one into min_shards shards of near-equal size (one input each when there are
+fewer), so that several loader processes can each read whole shards of it. --min_shards 1 keeps a small
+set in as few shards as max_count allows.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
-from datamodules.shard_writer import ShardWriter, index_path
+from datamodules.shard_writer import ShardWriter, balanced_shard_sizes, index_path
 
 
 class Skip(Exception):
@@ -279,7 +284,10 @@ def convert(args: argparse.Namespace) -> dict[str, Any]:
     """Write the shards; returns the index (num_samples, shards, skipped, source)."""
     items, make, skipped, extras = FORMATS[args.format](args)
     source = f"make_shards --format {args.format} --input {Path(args.input).resolve()}"
-    with ShardWriter(args.output, args.prefix, args.max_count, args.max_size, source, args.overwrite) as writer:
+    # Planned from the inputs, skipped ones included: a few skips leave the last shards a little short.
+    sizes = balanced_shard_sizes(len(items), args.max_count, args.min_shards)
+    with ShardWriter(args.output, args.prefix, args.max_count, args.max_size, source, args.overwrite,
+                     shard_sizes=sizes) as writer:
         for reason, count in skipped.items():
             if count:
                 writer.skip(reason, count)
@@ -296,12 +304,16 @@ def convert(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m datamodules.make_shards", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m datamodules.make_shards", description=__doc__.split("\n")[0],
+                                     epilog=__doc__[__doc__.index("Shard sizes:"):])
     parser.add_argument("--format", required=True, choices=sorted(FORMATS))
     parser.add_argument("--input", required=True, help="dataset folder (imagefolder, video) or file (captions, coco)")
     parser.add_argument("--output", required=True, help="folder for the shards and the index")
     parser.add_argument("--prefix", default="train", help="shard names: PREFIX-000000.tar, ... (default train)")
-    parser.add_argument("--max_count", type=int, default=1000, help="samples per shard at most")
+    parser.add_argument("--max_count", type=int, default=1000, help="samples per shard at most (default 1000)")
+    parser.add_argument("--min_shards", type=int, default=8,
+                        help="shards a set smaller than min_shards x max_count is cut into, with near-equal sizes "
+                             "(fewer when there are fewer inputs); 1: fill shards up to max_count (default 8)")
     parser.add_argument("--max_size", type=float, default=1e9, help="bytes per shard at most")
     parser.add_argument("--overwrite", action="store_true", help="replace a shard set with the same prefix")
     parser.add_argument("--images", help="coco: folder holding the images named by file_name")
@@ -309,6 +321,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--caption_column", default="caption", help="captions: column with the caption")
     parser.add_argument("--resolution", default="480p", help="video: sub-folder of JPEGImages/ and Annotations/")
     args = parser.parse_args(argv)
+    for name in ("max_count", "min_shards"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} must be >= 1, got {getattr(args, name)}")
     if not Path(args.input).exists():
         print(f"error: --input {args.input} does not exist", file=sys.stderr)
         return 2

@@ -47,10 +47,10 @@ def _write_json_atomic(path: str, obj: Any) -> None:
 class ShardWriter:
     """Write samples (WebDataset dicts with ``__key__``) into size- and count-limited shards.
 
-    A shard is closed once it holds ``max_count`` samples or ``max_size`` bytes of payload (tar
-    headers not counted), so it may exceed ``max_size`` by one sample. Use as a context manager: a
-    clean exit writes the index; an exception deletes the shard in progress and writes no index, so
-    the set does not claim to be complete.
+    A shard is closed once it holds ``max_count`` samples (``shard_sizes[i]`` for shard i where given, e.g.
+    from ``balanced_shard_sizes``) or ``max_size`` bytes of payload (tar headers not counted), so it may
+    exceed ``max_size`` by one sample. Use as a context manager: a clean exit writes the index; an
+    exception deletes the shard in progress and writes no index, so the set does not claim to be complete.
     """
 
     def __init__(
@@ -61,9 +61,12 @@ class ShardWriter:
         max_size: float = 1e9,
         source: str = "",
         overwrite: bool = False,
+        shard_sizes: list[int] | None = None,
     ) -> None:
         if max_count < 1 or max_size <= 0:
             raise ValueError(f"max_count must be >= 1 and max_size > 0, got {max_count} and {max_size}")
+        if shard_sizes is not None and min(shard_sizes, default=0) < 1:
+            raise ValueError(f"shard_sizes must be counts >= 1, got {shard_sizes}")
         if os.sep in prefix or "%" in prefix:
             raise ValueError(f"prefix {prefix!r} must be a plain file-name prefix (no '/' or '%')")
         os.makedirs(output_dir, exist_ok=True)
@@ -79,6 +82,8 @@ class ShardWriter:
             )
         for path in stale:  # stale shards would otherwise mix into a glob of the new set
             os.remove(path)
+        self.shard_sizes = list(shard_sizes or [])
+        self.max_count = max_count
         self.shards: dict[str, int] = {}
         self.skipped: Counter[str] = Counter()
         self.num_samples = 0
@@ -88,7 +93,7 @@ class ShardWriter:
         # mtime fixed so that the same samples give byte-identical tars (reproducible builds).
         self._writer = wds.ShardWriter(
             shard_pattern(output_dir, prefix),
-            maxcount=max_count,
+            maxcount=self._count_limit(0),
             maxsize=max_size,
             post=self._finish_shard,
             opener=self._open_tmp,
@@ -111,6 +116,12 @@ class ShardWriter:
             os.replace(f"{fname}.tmp", fname)
             self.shards[os.path.basename(fname)] = self._in_shard
         self._in_shard = 0
+        # webdataset's ShardWriter.write compares its `maxcount` with the open shard's count before every
+        # write (webdataset/writer.py:ShardWriter.write), so the limit set here is the next shard's.
+        self._writer.maxcount = self._count_limit(len(self.shards))
+
+    def _count_limit(self, shard: int) -> int:
+        return self.shard_sizes[shard] if shard < len(self.shard_sizes) else self.max_count
 
     def write(self, sample: dict[str, Any]) -> None:
         if "__key__" not in sample:
@@ -168,15 +179,15 @@ def _split_shard_name(path: str) -> tuple[str, str, str]:
     return directory, prefix, name
 
 
-def read_index(shard_paths: list[str]) -> int | None:
-    """Total sample count of ``shard_paths`` from the index files next to them.
+def read_shard_counts(shard_paths: list[str]) -> list[int] | None:
+    """Sample count of each of ``shard_paths``, in order, from the index files next to them.
 
     Paths may be local or fsspec URLs. Returns None when any shard has no entry in its index
     (no index, unreadable index, or a shard the index does not list): callers then fall back to
-    counting or to a configured epoch length.
+    counting, to a configured epoch length, or skip a check.
     """
     cache: dict[tuple[str, str], dict[str, int] | None] = {}
-    total = 0
+    counts = []
     for path in shard_paths:
         directory, prefix, name = _split_shard_name(path)
         if (directory, prefix) not in cache:
@@ -188,5 +199,28 @@ def read_index(shard_paths: list[str]) -> int | None:
         shards = cache[directory, prefix]
         if shards is None or name not in shards:
             return None
-        total += int(shards[name])
-    return total
+        counts.append(int(shards[name]))
+    return counts
+
+
+def read_index(shard_paths: list[str]) -> int | None:
+    """Total sample count of ``shard_paths`` from the index files next to them (None: see read_shard_counts)."""
+    counts = read_shard_counts(shard_paths)
+    return None if counts is None else sum(counts)
+
+
+def balanced_shard_sizes(num_samples: int, max_count: int, min_shards: int) -> list[int] | None:
+    """Samples per shard for a set of ``num_samples``: None (every shard ``max_count``, the last one smaller)
+    for a set of at least ``min_shards`` x ``max_count`` samples; a smaller set is cut into ``min_shards``
+    shards whose sizes differ by at most one (one sample each when there are fewer samples).
+
+    Many loader processes read a set at once (ranks x workers): a small set in one shard gives whole
+    shards to one of them only, and a training stream then cannot give each reader its own shards.
+    """
+    if max_count < 1 or min_shards < 1:
+        raise ValueError(f"max_count and min_shards must be >= 1, got {max_count} and {min_shards}")
+    if num_samples == 0 or num_samples >= min_shards * max_count:
+        return None
+    num_shards = max(1, min(min_shards, num_samples))
+    base, extra = divmod(num_samples, num_shards)
+    return [base + 1] * extra + [base] * (num_shards - extra)

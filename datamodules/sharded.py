@@ -18,8 +18,8 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from . import IMAGENET_MEAN, IMAGENET_STD
 from .device_decode import decode_batch, device_transform
-from .shards import check_finite_shards, expand_shards
-from .streams import CorruptDataError, FiniteShardStream, ResampledShardStream, ShardLoader
+from .shards import expand_shards
+from .streams import CorruptDataError, FiniteShardStream, ResampledShardStream, ShardLoader, finite_split
 from .transforms import normalize_on_device
 
 __all__ = ["CorruptDataError", "DataConfig", "ShardedDataModule", "resolve_shards"]
@@ -137,6 +137,8 @@ class ShardedDataModule(LightningDataModule):
         self.train_stream: ResampledShardStream | None = None
         self.val_stream: FiniteShardStream | None = None
         self._epoch = 0
+        # () -> (epoch, batches done in it) during fit; the trainer side sets it (trainers.callbacks.DataPosition)
+        self.training_position: Callable[[], tuple[int, int] | None] | None = None
         self.decode_device: torch.device | None = None
         self.device_decoded = 0
         self.device_decode_failures = 0
@@ -184,7 +186,7 @@ class ShardedDataModule(LightningDataModule):
             )
         if stage in (None, "fit", "validate") and self.cfg.val_shards is not None:
             shards = self._expand("val_shards", required=False)
-            check_finite_shards(len(shards), world, self.cfg.num_workers, "val_shards")
+            self._check_finite_split(shards, world)
             transform = device_transform(self.val_transform, "val_transform") if device else self.val_transform
             self.val_stream = FiniteShardStream(shards, transform, self.cfg.batch_size, **common)
 
@@ -196,6 +198,30 @@ class ShardedDataModule(LightningDataModule):
                 "fill it in with the synthetic world's shards before the Trainer starts"
             )
         return expand_shards(spec)
+
+    def _check_finite_split(self, shards: list[str], world: int) -> None:
+        """Every validation sample is read once whatever the shard count (``streams.finite_split``); what cannot
+        work is a rank without a sample, which the shard index shows before training (without an index, the
+        loader stops with an error at the first validation instead)."""
+        from .shard_writer import read_shard_counts  # lazy, as in _batches_per_epoch
+
+        workers = max(1, self.cfg.num_workers)
+        whole = "whole shards" if len(shards) >= world * workers else "samples split across readers"
+        rank_zero_info(f"Validation data: {len(shards)} shard(s) for {world} rank(s) x {workers} worker(s): {whole}")
+        counts = read_shard_counts(shards)
+        if counts is None:
+            return
+        in_shard = dict(zip(shards, counts))
+        per_rank = [sum(piece.count(in_shard[piece.url]) for piece in finite_split(shards, world, rank))
+                    for rank in range(world)]
+        if min(per_rank) == 0:
+            empty = [rank for rank, n in enumerate(per_rank) if n == 0]
+            raise ValueError(
+                f"val_shards: the shard index counts {sum(counts)} sample(s) in {len(shards)} shard(s) "
+                f"({shards[0]}, ...), which leaves rank(s) {empty} of {world} without a validation sample; a rank "
+                "without one would stop the others at the end of validation. To fix: run on fewer ranks, point "
+                "--data.val_shards at a larger set, or drop --data.val_shards to train without validation."
+            )
 
     def _batches_per_epoch(self, shards: list[str], world: int) -> int:
         if self.cfg.batches_per_epoch is not None:
@@ -282,17 +308,16 @@ class ShardedDataModule(LightningDataModule):
         and a resume with the same layout continues the stream exactly.
         """
         epoch, batches_done = self._epoch, 0
-        if self.trainer is not None and self.trainer.training:
-            # Lightning counts an epoch "processed" once its batches are done, before the epoch-end
-            # checkpoint, and passes that counter to set_epoch: it names the epoch a resumed run trains
-            # next. `processed` batches includes the one whose step has just been applied (a save in
-            # on_train_batch_end), which is what a resumed run must not see again.
-            fit_loop = self.trainer.fit_loop
-            epoch = fit_loop.epoch_progress.current.processed
-            if epoch < fit_loop.epoch_progress.current.started:  # inside the epoch, not at its end
-                batches_done = fit_loop.epoch_loop.batch_progress.current.processed
+        position = self.training_position() if self.training_position is not None else None
+        if position is not None:  # during fit: the batches done include the one whose step was just applied
+            epoch, batches_done = position
         elif self.train_stream is not None:
             epoch = self.train_stream.epoch
+            if self.trainer is not None and self.trainer.training:
+                rank_zero_warn(
+                    "ShardedDataModule.training_position is not set, so this checkpoint records only the epoch being "
+                    "trained, not the batches done in it: a resume from it restarts that epoch's stream. Add the "
+                    "callback trainers.callbacks.DataPosition to the Trainer.")
         world, _ = self._world_and_rank()
         return {
             "epoch": epoch,

@@ -109,29 +109,3 @@ def _expand_remote(url: str, shown: str) -> list[str]:
         )
     return [fs.unstrip_protocol(p) for p in found]
 
-
-def check_finite_shards(num_shards: int, world_size: int, num_workers: int, name: str) -> None:
-    """Fail unless every (rank, worker) of a finite stream gets at least one shard.
-
-    A reader without a shard yields nothing; a rank whose readers all yield nothing leaves the others
-    waiting in their next collective (wds#65, wds#188). ``num_workers=0`` means one in-process reader.
-    """
-    readers_per_rank = max(1, num_workers)
-    needed = world_size * readers_per_rank
-    if num_shards >= needed:
-        return
-    max_workers = num_shards // world_size
-    if max_workers >= 1:
-        fix = (
-            f"use --data.num_workers {max_workers} or fewer (at most num_shards // world_size = "
-            f"{num_shards} // {world_size}), or write the data into at least {needed} shards"
-        )
-    else:
-        fix = (
-            f"there are fewer shards than ranks, so no worker count helps: write the data into at least "
-            f"{needed} shards (or {world_size} with --data.num_workers 1)"
-        )
-    raise ValueError(
-        f"{name}: {num_shards} shard(s) cannot feed {world_size} rank(s) x {readers_per_rank} worker(s) "
-        f"= {needed} readers of a finite stream; each reader needs at least one shard. To fix: {fix}."
-    )

@@ -6,8 +6,12 @@ of batches and DDP never waits on a rank that ran dry (PL#20404, wds#250). All r
 shuffle buffer, crop) is seeded from (seed, epoch, rank, worker): a rerun reproduces the stream, a new
 epoch reorders it.
 
-Validation (``FiniteShardStream``): each shard is read once, split by rank then by worker; the last batch
-may be partial.
+Validation (``FiniteShardStream``): every sample is read exactly once across all ranks and workers,
+whatever the shard count. The set is split by rank, then each rank's part by worker (``split_pieces``):
+whole shards where there are at least as many as parts, otherwise the parts that share a shard each keep
+every m-th of its samples. Each worker's last batch may be partial, so ranks may run different numbers of
+batches; that is safe for Lightning's epoch-level ``sync_dist`` (see ``FiniteShardStream``), but a rank
+with no sample at all is not, and is an error.
 
 Lightning calls ``set_epoch`` only on ``dataloader.sampler``; ``ShardLoader`` is its own sampler so the
 epoch reaches the stream, and non-persistent workers pick it up at the next ``iter()``.
@@ -427,24 +431,79 @@ def _enumerate_from(skip: int) -> Callable[[Iterator[dict]], Iterator[tuple[int,
     return stage
 
 
+@dataclass(frozen=True)
+class ShardPiece:
+    """The samples of shard ``url`` at positions p (0-based, in tar order) with p % stride == offset."""
+
+    url: str
+    stride: int = 1
+    offset: int = 0
+
+    def count(self, samples_in_shard: int) -> int:
+        return len(range(self.offset, samples_in_shard, self.stride))
+
+
+def split_pieces(pieces: Sequence[ShardPiece], parts: int, part: int) -> list[ShardPiece]:
+    """Part ``part`` of ``parts`` disjoint parts that together hold every sample of ``pieces`` exactly once.
+
+    With at least as many pieces as parts, whole pieces go round robin (no shard is opened twice). With
+    fewer, piece ``part % len(pieces)`` is shared by the parts that map to it, each keeping every m-th of
+    its samples: a small set then reads each shard m times instead of leaving readers idle (wds#65).
+    """
+    if not 0 <= part < parts:
+        raise ValueError(f"part {part} is outside 0..{parts - 1}")
+    if not pieces:
+        return []
+    if len(pieces) >= parts:
+        return list(pieces[part::parts])
+    first = part % len(pieces)
+    piece = pieces[first]
+    sharing = len(range(first, parts, len(pieces)))  # parts first, first + len(pieces), ...
+    nth = part // len(pieces)
+    return [ShardPiece(piece.url, piece.stride * sharing, piece.offset + nth * piece.stride)]
+
+
+def finite_split(shards: Sequence[str], world_size: int, rank: int, num_workers: int = 1,
+                 worker: int = 0) -> list[ShardPiece]:
+    """What (rank, worker) reads of a finite set: split by rank, then that rank's part by worker."""
+    of_rank = split_pieces([ShardPiece(url) for url in shards], world_size, rank)
+    return split_pieces(of_rank, max(1, num_workers), worker)
+
+
 class FiniteShardStream(_ShardStream):
-    """Validation stream: every shard of this rank read once, split across workers, in order."""
+    """Validation stream: this (rank, worker)'s part of the set (``finite_split``), read once, in order.
+
+    Ranks may yield different numbers of batches (shards and workers' last batches differ in size). Lightning
+    reduces what validation logs with ``sync_dist`` once, at the end of the epoch, not per batch
+    (lightning/pytorch/trainer/connectors/logger_connector/result.py:_ResultMetric.update syncs on_step values
+    only, and validation logs on_epoch), and DDP's buffer broadcast, a collective, runs in a validation's first
+    forward only: a forward under no_grad turns it off for the next (torch/nn/parallel/distributed.py:
+    DistributedDataParallel._post_forward). So every rank must run at least one batch, not the same number. A
+    rank with no sample would miss the epoch-end reductions and leave the others waiting, so ``ShardLoader``
+    stops with an error instead.
+    """
 
     def __iter__(self) -> Iterator[dict]:
         worker, num_workers = _worker()
-        mine = self.shards[self.rank :: self.world_size][worker::num_workers]
+        mine = finite_split(self.shards, self.world_size, self.rank, num_workers, worker)
         if not mine:
             return iter(())
         reader = self._new_reader()
         pipeline = wds.DataPipeline(
-            lambda: reader.finite_urls(mine),
-            reader.tar_samples,
+            lambda: _piece_samples(reader, mine),
             reader.decode,
             _enumerate_from(0),
             wds.map(self._seeded_transform("eval", self.seed, self.rank, worker)),
             wds.batched(self.batch_size, collation_fn=collate, partial=True),
         )
         return iter(pipeline)
+
+
+def _piece_samples(reader: ShardReader, pieces: Sequence[ShardPiece]) -> Iterator[dict]:
+    """The raw (undecoded) samples of ``pieces``: the ones another reader keeps cost no image decode."""
+    for piece in pieces:
+        samples = reader.tar_samples(reader.finite_urls([piece.url]))
+        yield from itertools.islice(samples, piece.offset, None, piece.stride)
 
 
 def _worker_init(worker_id: int) -> None:
@@ -519,4 +578,20 @@ class ShardLoader:
         batches = iter(self.loader)  # workers have their copy of the stream once this returns
         if isinstance(self.stream, ResampledShardStream):
             self.stream.skip_batches = 0  # a resume skips within its first epoch only
-        yield from batches
+        yielded = 0
+        for batch in batches:
+            yielded += 1
+            yield batch
+        if yielded == 0 and isinstance(self.stream, FiniteShardStream):
+            raise _no_sample_error(self.stream)
+
+
+def _no_sample_error(stream: FiniteShardStream) -> RuntimeError:
+    # Under DDP the other ranks would wait for this one in the epoch-end reductions: fail loudly instead.
+    where = f"rank {stream.rank} of {stream.world_size}" if stream.world_size > 1 else "this process"
+    return RuntimeError(
+        f"The finite (validation) stream gave {where} no sample: its {len(stream.shards)} shard(s) (e.g. "
+        f"{stream.shards[0]}) hold fewer readable samples than there are ranks, or are empty or unreadable "
+        "(see the warnings above). To fix: check the shards with `tar tf <shard>`, run with fewer ranks, or "
+        "drop --data.val_shards."
+    )

@@ -253,7 +253,7 @@ class SyntheticWorldConfig:
     val_samples: int = 256
     """Number of validation images (scenes distinct from training)."""
     samples_per_shard: int = 128
-    """Samples per .tar shard (keep shards >= ranks x workers)."""
+    """Samples per .tar shard (keep training shards >= ranks x workers, so that every reader has its own)."""
     video_samples: int = 0
     """Number of videos; 0 writes no video split."""
     video_frames: int = 8

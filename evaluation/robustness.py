@@ -4,7 +4,8 @@ Each image gets its own draw of the corruption's parameters, as the published se
 random draw per image, hendrycks/robustness make_imagenet_c.py; augmentation-corruption make_imagenet_c_bar.py),
 from a generator seeded by (seed, corruption, severity): a result does not depend on which other
 corruptions ran. The metric is the plain top-1 error averaged over severities and corruptions, which is what
-ImageNet-C-bar reports (methods.md §11.2); AlexNet-normalised mCE is not computed.
+ImageNet-C-bar reports (facebookresearch/augmentation-corruption imagenet_c_bar/test_c_bar.py:test_c_bar);
+AlexNet-normalised mCE is not computed.
 The published sets were also saved as JPEG (quality 85 for C-bar); corrupting in memory, as here, differs
 slightly from evaluating on those files (augmentation-corruption README).
 """

@@ -3,8 +3,9 @@
 Counting conventions (written down because tools disagree, cf. facebookresearch/fvcore#112):
 
 * ``flops``: matmul FLOPs with 1 multiply-add = 2 FLOPs, as open_clip and MFU accounting count them.
-  LayerNorm, GELU, softmax, biases and additions are left out (< 1% for ViTs). Formulas from the FAIR
-  pycls ViT / open_clip profile (shared references performance.md §2.1-2.2)::
+  LayerNorm, GELU, softmax, biases and additions are left out (< 1% for ViTs). They reproduce the image-tower
+  GFLOPs of mlfoundations/open_clip docs/model_profile.csv (ViT-B-16 35.13 at 224) to 0.01 GF; MAE applies them to
+  the token counts of facebookresearch/mae models_mae.py:MaskedAutoencoderViT (see :func:`mae_complexity`)::
 
       block(N, d)  = 8 N d^2 + 4 m N d^2 + 4 N^2 d    (qkv 6Nd^2, out proj 2Nd^2, MLP 4mNd^2, QK^T and AV 4N^2 d)
       patch embed  = 2 P (C p^2) d                      (always on all P patches, also in MAE)
@@ -12,7 +13,8 @@ Counting conventions (written down because tools disagree, cf. facebookresearch/
 
 * ``params``: every parameter element, frozen ones included (the fixed sin-cos tables of MAE count).
 * ``activations``: the number of output elements of conv and linear layers plus the attention score
-  matrix, as pycls counts them (facebookresearch/pycls models/blocks.py, ``vit.py``): patchify ``P d``, per
+  matrix, as facebookresearch/pycls counts them (pycls/models/blocks.py ``*_cx`` and
+  ``MultiheadAttention.complexity``, pycls/models/vit.py ``ViT.complexity``): patchify ``P d``, per
   block ``3dN`` (qkv) + ``hN^2`` (scores) + ``dN`` (AV) + ``dN`` (out proj) + ``mdN + dN`` (MLP), head ``K``.
   Norms and elementwise ops count 0. This reproduces pycls' ViT_P table (e.g. ViT_P-18GF: 23.90 M).
 

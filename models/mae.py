@@ -172,7 +172,8 @@ class MaskedAutoencoderViT(nn.Module):
 
     @torch.no_grad()
     def initialize_weights(self) -> None:
-        """models_mae.py initialize_weights: sin-cos tables, xavier Linear, normal(0.02) tokens, LN (1, 0)."""
+        """models_mae.py initialize_weights: sin-cos tables, xavier Linear and patch conv weight, normal(0.02)
+        tokens, LN (1, 0); the patch conv bias stays at PyTorch's Conv2d default, as there."""
         self.encoder.init_weights("mae")
         grid = self.encoder.patch_embed.grid_size
         self.decoder_pos_embed.copy_(sincos_2d_pos_embed(self.cfg.decoder_embed_dim, grid, cls_token=True)[None])

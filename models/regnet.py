@@ -5,8 +5,10 @@ Parameter names are timm's (``stem.conv``, ``s1.b1.conv1``, ...), so timm / SWAG
 :func:`models.pycls_complexity.regnet_stages` (pycls regnet.py), and a config may instead give the per-stage
 (AnyNet) lists directly: that is what :func:`models.scaling.scale_regnet` produces.
 
-Init follows pycls / SWAG (methods.md §3.1): conv normal(sqrt(2 / fan_out)) with fan_out = k^2 out_channels,
-BatchNorm (1, 0) (no zero-init of the last BN), Linear normal(0.01) with a zero bias.
+Init follows facebookresearch/pycls ``pycls/models/blocks.py:init_weights`` and facebookresearch/SWAG
+``models/regnet.py:RegNet.init_weights``: conv normal(sqrt(2 / fan_out)) with fan_out = k^2 out_channels, BatchNorm
+(1, 0) (no zero-init of the last BN), Linear normal(0.01) with a zero bias. SWAG runs it before building its head,
+so its head keeps PyTorch's Linear default; pycls's head gets normal(0.01), as here.
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 ``timm.create_model("vit_base_patch16_224", num_classes=0)`` loads our state_dict strictly and vice versa, so
 exported weights work in timm and other tools. Attention runs through
 ``torch.nn.functional.scaled_dot_product_attention`` (timm ``Attention`` with ``fused_attn`` forced on).
-With ``stem="conv"`` the patch projection is the ViT_C convolutional stem (:mod:`models.vitc`), still named
+With ``stem="conv"`` the patch projection is the ViT_C convolutional stem (:mod:`models.conv_stem`), still named
 ``patch_embed`` so layer-wise lr decay and weight handoff treat it as the embedding.
 """
 
@@ -20,6 +20,7 @@ from timm.models.vision_transformer import Block
 from torch import Tensor, nn
 
 from .complexity import Complexity, vit_complexity
+from .conv_stem import ConvStem
 from .pos_embed import sincos_2d_pos_embed
 from .pycls_complexity import stem_counter
 from .registry import build_with_overrides, register_model
@@ -152,8 +153,6 @@ class VisionTransformer(nn.Module):
         d = cfg.embed_dim
         self.num_features = d  # width of forward()'s pooled features without a head, as timm
         if cfg.stem == "conv":
-            from .vitc import ConvStem  # vitc registers models built on this class: import here, not at the top
-
             self.patch_embed = ConvStem(cfg.img_size, cfg.in_chans, cfg.stem_kernels, cfg.stem_strides, cfg.stem_dims)
         else:
             self.patch_embed = PatchEmbed(cfg.img_size, cfg.patch_size, cfg.in_chans, d)
@@ -178,8 +177,9 @@ class VisionTransformer(nn.Module):
 
         'timm': timm's default ViT init (Linear trunc_normal(0.02), cls normal(1e-6), learned pos trunc_normal(0.02)).
         'mae': facebookresearch/mae models_mae.py initialize_weights (xavier_uniform on every Linear, fused qkv
-        included, and on the patch projection viewed as (out, in*p*p); cls normal(0.02)). LayerNorm is (1, 0) in both.
-        A conv stem gets the ViT_C init in both (:meth:`models.vitc.ConvStem.init_weights`).
+        included, and on the patch projection weight viewed as (out, in*p*p); the patch projection bias keeps
+        PyTorch's Conv2d default; cls normal(0.02)). LayerNorm is (1, 0) in both.
+        A conv stem gets the ViT_C init in both (:meth:`models.conv_stem.ConvStem.init_weights`).
         """
         if self.cfg.pos_embed == "sincos":
             grid = self.patch_embed.grid_size
@@ -187,9 +187,12 @@ class VisionTransformer(nn.Module):
         conv_stem = self.cfg.stem == "conv"
         if scheme == "mae":
             if not conv_stem:
+                # models_mae.py:initialize_weights never touches the conv bias, which keeps the Conv2d constructor's
+                # uniform(+-1/sqrt(in*p*p)); redrawing it from that same default makes this a full re-init however
+                # the module was initialised or trained before
+                self.patch_embed.proj.reset_parameters()
                 proj = self.patch_embed.proj.weight
                 nn.init.xavier_uniform_(proj.view(proj.shape[0], -1))  # as a Linear, not with conv fan-in/out
-                nn.init.zeros_(self.patch_embed.proj.bias)
             nn.init.normal_(self.cls_token, std=0.02)
             self.apply(_init_linear_xavier)
         elif scheme == "timm":

@@ -7,13 +7,9 @@
 import logging
 import sys
 from dataclasses import fields
-from pathlib import Path
 from typing import TypeVar
 
 from jsonargparse import ActionConfigFile, ArgumentParser, set_parsing_settings
-from lightning.pytorch.utilities import rank_zero_info
-
-from trainers.checkpoint import bring_last_up_to_date, find_resume_checkpoint
 
 set_parsing_settings(docstring_parse_attribute_docstrings=True)
 
@@ -47,31 +43,6 @@ def parse_config(config_cls: type[C], argv: list[str] | None = None, prog: str |
         parser.error(str(err))
     namespace.pop("config", None)
     return config, parser.dump(namespace)
-
-
-def save_config(yaml_text: str, run_dir: Path) -> Path:
-    """Write the resolved config; a rerun keeps the previous one as config.N.yaml so nothing is lost."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    path = run_dir / "config.yaml"
-    if path.exists() and path.read_text() != yaml_text:
-        n = 1
-        while (run_dir / f"config.{n}.yaml").exists():
-            n += 1
-        path.rename(run_dir / f"config.{n}.yaml")
-    path.write_text(yaml_text)
-    return path
-
-
-def start_run(trainer, run_dir: Path, config_yaml: str) -> Path | None:
-    """Where ``fit`` starts: the run directory's newest complete checkpoint, or None for a new run. Rank 0
-    records the config and repairs a ``last.ckpt`` that a kill left one save behind."""
-    resume = find_resume_checkpoint(run_dir)
-    if trainer.is_global_zero:
-        save_config(config_yaml, run_dir)
-        if resume:
-            bring_last_up_to_date(run_dir, resume)
-        rank_zero_info(f"Resuming from {resume}" if resume else f"Starting a new run in {run_dir}")
-    return resume
 
 
 def _show_project_logs() -> None:

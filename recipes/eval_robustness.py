@@ -15,17 +15,18 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import lightning as L
 
+from datamodules.classification import EvalDataConfig, prepare_eval_data
 from datamodules.image_sets import load_image_set
-from evaluation.corruptions import IMAGENET_C, IMAGENET_C_BAR, SEVERITIES, get_corruption
+from evaluation.corruptions import SEVERITIES, get_corruption, parse_names
 from evaluation.robustness import RobustnessResult, evaluate_robustness
-from recipes.cli import parse_config, save_config
-from recipes.eval_model import EvalDataConfig, EvalModelConfig, load_eval_model, parse_names, prepare_eval_data
-
-FAMILIES = {"all": IMAGENET_C + IMAGENET_C_BAR, "imagenet_c": IMAGENET_C, "imagenet_c_bar": IMAGENET_C_BAR}
+from recipes.cli import parse_config
+from trainers.eval_model import EvalModelConfig, load_eval_model
+from trainers.run import save_config
 
 
 @dataclass
@@ -54,11 +55,12 @@ class Config:
 def main(cfg: Config, config_yaml: str = "") -> RobustnessResult:
     run_dir = Path(cfg.run_dir).resolve()
     L.seed_everything(cfg.seed, verbose=False)
-    names = parse_names(cfg.corruptions, FAMILIES)
+    names = parse_names(cfg.corruptions)
     for name in names:
         get_corruption(name)  # an unknown name fails now, before the model loads
     num_classes, train_shards, val_shards = prepare_eval_data(cfg.data)
-    model = load_eval_model(cfg.init_from, cfg.model, num_classes, cfg.data.image_size, train_shards)
+    model = load_eval_model(cfg.init_from, cfg.model, num_classes, cfg.data.image_size,
+                            partial(load_image_set, train_shards, cfg.data.image_size, desc="head-fitting images"))
     images = load_image_set(val_shards, cfg.data.image_size, cfg.data.eval_images, desc="evaluation images")
     workers = model.corruption_workers(cfg.data.num_workers)
     print(f"Evaluating {cfg.init_from} on {len(images)} images at {cfg.data.image_size}px: {len(names)} corruptions "

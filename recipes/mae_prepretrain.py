@@ -9,25 +9,22 @@ Rerunning with the same --run_dir resumes from its newest complete checkpoint an
 same W&B run. The encoder is exported to <run_dir>/export/encoder.safetensors with timm keys.
 """
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
-import lightning as L
 import torch
-from lightning.fabric.utilities.throughput import get_available_flops
-from lightning.pytorch.utilities import rank_zero_info
 
 import models
 from datamodules import IMAGENET_MEAN, IMAGENET_STD
 from datamodules.sharded import DataConfig, ShardedDataModule, resolve_shards
 from datamodules.transforms import eval_transform, mae_train_transform
-from recipes.cli import parse_config, start_run
-from trainers.build import STRATEGIES, LoggingConfig, TrainerConfig, build_trainer, finished_fit, print_outputs, uses_gpu
-from trainers.callbacks import ImagePanelLogger, ThroughputLogger
+from recipes.cli import parse_config
+from trainers.build import LoggingConfig, TrainerConfig
+from trainers.callbacks import ImagePanelLogger
 from trainers.export import export_vit_encoder
-from trainers.handoff import load_into
 from trainers.mae import MAEModelConfig, MAEPretraining
-from trainers.optim import OptimConfig, effective_batch, resolve_lr
+from trainers.optim import OptimConfig
+from trainers.run import Export, run
 
 
 @dataclass
@@ -51,66 +48,26 @@ class Config:
     """W&B and image logging."""
 
 
-def main(cfg: Config, config_yaml: str = "") -> dict[str, Path | None]:
-    run_dir = Path(cfg.run_dir).resolve()
-    L.seed_everything(cfg.seed, workers=True, verbose=False)
-
-    # Model name and overrides are checked on the meta device: a typo fails before any data or compute.
-    model_kwargs = {"name": cfg.model.name, "img_size": cfg.data.image_size, "mask_ratio": cfg.model.mask_ratio,
-                    "norm_pix_loss": cfg.model.norm_pix_loss, "drop_path_rate": cfg.model.drop_path_rate}
+def main(cfg: Config, config_yaml: str = "") -> dict:
+    model = {"name": cfg.model.name, "img_size": cfg.data.image_size, "mask_ratio": cfg.model.mask_ratio,
+             "norm_pix_loss": cfg.model.norm_pix_loss, "drop_path_rate": cfg.model.drop_path_rate}
     with torch.device("meta"):
-        flops_per_sample = 3 * models.create(**model_kwargs).complexity().flops  # forward + backward
+        models.create(**model)  # a typo in the model name fails before any data or compute
 
     resolve_shards(cfg.data)  # the synthetic world unless shards are given; a spec matching nothing fails here
     datamodule = ShardedDataModule(cfg.data, mae_train_transform(cfg.data.image_size),
                                    eval_transform(cfg.data.image_size), seed=cfg.seed,
                                    mean=IMAGENET_MEAN, std=IMAGENET_STD)
+    panels = ImagePanelLogger(Path(cfg.run_dir).resolve() / "images", cfg.logging.image_every_n_steps, IMAGENET_MEAN, IMAGENET_STD)
 
-    peak = get_available_flops(torch.device("cuda"), torch.bfloat16) if uses_gpu(cfg.trainer) else None
-    panels = ImagePanelLogger(run_dir / "images", cfg.logging.image_every_n_steps, IMAGENET_MEAN, IMAGENET_STD)
-    throughput = ThroughputLogger(cfg.data.batch_size, cfg.trainer.log_every_n_steps, flops_per_sample, peak)
-    trainer = build_trainer(cfg.trainer, cfg.logging, run_dir, callbacks=[panels, throughput],
-                            batch_size_per_device=cfg.data.batch_size, seed=cfg.seed)
+    def export(trained: MAEPretraining, out: Export) -> dict:
+        encoder = export_vit_encoder(trained.model.encoder, out.dir / "encoder.safetensors", step=out.step,
+                                     source=cfg.model.name)
+        return {"encoder": encoder, "images": panels.last_path}
 
-    eff_batch = effective_batch(cfg.data.batch_size, cfg.trainer.accumulate_grad_batches, trainer.world_size)
-    lr = resolve_lr(cfg.optim, eff_batch)
-    module = MAEPretraining(model_kwargs, asdict(cfg.optim), lr, cfg.trainer.max_steps)
-    rank_zero_info(
-        f"MAE {cfg.model.name} @ {cfg.data.image_size}px, mask {cfg.model.mask_ratio}: "
-        f"{sum(p.numel() for p in module.parameters()) / 1e6:.1f}M params, "
-        f"{flops_per_sample / 1e9:.2f} GFLOPs/image per training step\n"
-        f"effective batch {eff_batch} = {cfg.data.batch_size} per device x "
-        f"{cfg.trainer.accumulate_grad_batches} accumulation x {trainer.world_size} devices\n"
-        f"lr {lr:.3e} = blr {cfg.optim.blr:.3e} x {eff_batch} / 256"
-        + (" (overridden by optim.lr)" if cfg.optim.lr is not None else "")
-        + f"; {cfg.optim.warmup_steps} warmup steps of {cfg.trainer.max_steps}, precision {trainer.precision}"
-    )
-
-    resume = start_run(trainer, run_dir, config_yaml)
-    if cfg.init_from and resume is None:
-        load_into(module.model, cfg.init_from, prefix="model.")
-        rank_zero_info(f"Initialised the model from {cfg.init_from}")
-    trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume) if resume else None)
-
-    outcome = finished_fit(trainer)
-    if outcome is None:  # preempted or stopped by the guard: nothing to evaluate or export yet
-        return {}
-    if not trainer.is_global_zero:
-        return {}
-    checkpoint = Path(trainer.checkpoint_callback.last_model_path)
-    encoder = module.model.encoder
-    if STRATEGIES[cfg.trainer.strategy]:  # DeepSpeed/FSDP: live weights are bf16 or shards, the checkpoint is fp32
-        encoder = load_into(models.create(**model_kwargs).encoder, checkpoint, prefix="model.encoder.")
-    outputs = {
-        "run_dir": run_dir,
-        "checkpoint": checkpoint,
-        "encoder": export_vit_encoder(encoder, run_dir / "export" / "encoder.safetensors",
-                                      step=trainer.global_step, source=cfg.model.name),
-        "wandb": Path(trainer.loggers[0].experiment.dir).parent,
-        "images": panels.last_path,
-    }
-    print_outputs(outcome, outputs)
-    return outputs
+    return run(cfg, config_yaml, lambda lr: MAEPretraining(model, cfg.optim, lr, cfg.trainer.max_steps), datamodule,
+               headline=f"MAE {cfg.model.name} @ {cfg.data.image_size}px, mask {cfg.model.mask_ratio}",
+               export=export, callbacks=[panels])
 
 
 if __name__ == "__main__":

@@ -13,22 +13,20 @@ With ``baselines`` (default) the comparison arms of the paper train too, at the 
 """
 
 import copy
-import json
+from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 from recipes import finetune as finetune_recipe
 from recipes import linear_probe as probe_recipe
 from recipes import mae_prepretrain as mae_recipe
 from recipes import swag_pretrain as swag_recipe
-from recipes.cli import parse_config, save_config
+from recipes.cli import parse_config
 from trainers.build import LoggingConfig
-from trainers.checkpoint import checkpoint_step, find_resume_checkpoint, write_json_atomically
-
-STAGE_RESULT = "stage.json"
+from trainers.pipeline import Stage, run_stages
+from trainers.run import save_config
 
 
 @dataclass
@@ -126,29 +124,20 @@ def _wanted(part: str, cfg: Config) -> bool:
             "baselines+probe": cfg.baselines and cfg.probe}[part]
 
 
-def run_stage(cfg: Config, name: str, kind: str, init_from: Path | None) -> dict | None:
-    """One stage in <run_dir>/<name>: skipped when it finished before, else run (or resumed) to its end.
-    Returns its results (on rank 0; {} elsewhere), or None when it stopped early: the same command resumes it."""
-    stage_dir = Path(cfg.run_dir).resolve() / name
-    if (stage_dir / STAGE_RESULT).exists():
-        rank_zero_info(f"[maws] {name}: finished before; results in {stage_dir / STAGE_RESULT}")
-        return json.loads((stage_dir / STAGE_RESULT).read_text())
-    stage = copy.deepcopy(getattr(cfg, kind))
-    stage.run_dir, stage.seed = str(stage_dir), cfg.seed
-    stage.init_from = str(init_from) if init_from else None
-    stage.trainer = replace(stage.trainer, **vars(cfg.trainer))
-    stage.logging = replace(cfg.logging, name=name, group=cfg.logging.group or Path(cfg.run_dir).name,
-                            image_every_n_steps=stage.logging.image_every_n_steps)
-    rank_zero_info(f"\n[maws] {name}: {kind}, " + (f"initialised from {init_from}" if init_from else "from scratch"))
-    outputs = RECIPES[kind].main(stage)
-    _close_wandb()
-    newest = find_resume_checkpoint(stage_dir)  # the same answer on every rank, unlike the returned outputs
-    if newest is None or checkpoint_step(newest) < stage.trainer.max_steps:
-        return None
-    if rank_zero_only.rank == 0:
-        plain = {k: v if v is None or isinstance(v, (int, float)) else str(v) for k, v in outputs.items()}
-        write_json_atomically(stage_dir / STAGE_RESULT, plain)
-    return outputs
+def stages(cfg: Config) -> Iterator[Stage]:
+    """The wanted stages in dependency order, each with the pipeline's seed, allocation and W&B group."""
+    run_dir = Path(cfg.run_dir).resolve()
+    for name, kind, init_stage, part in STAGES:
+        if not _wanted(part, cfg):
+            continue
+        stage = copy.deepcopy(getattr(cfg, kind))
+        stage.seed = cfg.seed
+        stage.init_from = str(run_dir / init_stage) if init_stage else None
+        stage.trainer = replace(stage.trainer, **vars(cfg.trainer))
+        stage.logging = replace(cfg.logging, name=name, group=cfg.logging.group or run_dir.name,
+                                image_every_n_steps=stage.logging.image_every_n_steps)
+        about = f"{kind}, " + (f"initialised from {stage.init_from}" if init_stage else "from scratch")
+        yield Stage(name, RECIPES[kind].main, stage, about)
 
 
 def results_table(results: dict[str, dict]) -> str:
@@ -169,28 +158,14 @@ def main(cfg: Config, config_yaml: str = "") -> dict[str, dict]:
     run_dir = Path(cfg.run_dir).resolve()
     if rank_zero_only.rank == 0:
         save_config(config_yaml, run_dir)
-    results: dict[str, dict] = {}
-    for name, kind, init_stage, part in STAGES:
-        if not _wanted(part, cfg):
-            continue
-        outputs = run_stage(cfg, name, kind, run_dir / init_stage if init_stage else None)
-        if outputs is None:
-            rank_zero_info(f"[maws] {name} stopped before its end; rerun the same command to resume the pipeline there")
-            return {}
-        results[name] = outputs
+    results = run_stages(run_dir, stages(cfg), pipeline="maws")
+    if results is None:
+        return {}
     if rank_zero_only.rank == 0:
         table = results_table(results)
         (run_dir / "results.md").write_text(table + "\n")
         print(f"\n{table}\n\n  run_dir  {run_dir}\n  table    {run_dir / 'results.md'}")
     return results
-
-
-@rank_zero_only
-def _close_wandb() -> None:
-    import wandb
-
-    if wandb.run is not None:  # the next stage must open its own run, not log into this one
-        wandb.finish()
 
 
 if __name__ == "__main__":

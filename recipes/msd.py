@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import lightning as L
@@ -22,14 +23,15 @@ import numpy as np
 from scipy.stats import spearmanr
 from tqdm import tqdm
 
+from datamodules.classification import EvalDataConfig, prepare_eval_data
 from datamodules.image_sets import load_image_set
-from evaluation.corruptions import IMAGENET_C, IMAGENET_C_BAR, SEVERITIES
+from evaluation.corruptions import parse_names
 from evaluation.msd import (CorruptionDistribution, augmentation_policy, distance_of_means,
                             minimal_sample_distance, transform_features)
 from evaluation.robustness import RobustnessResult, evaluate_robustness
-from recipes.cli import parse_config, save_config
-from recipes.eval_model import EvalDataConfig, EvalModelConfig, load_eval_model, parse_names, prepare_eval_data
-from recipes.eval_robustness import FAMILIES
+from recipes.cli import parse_config
+from trainers.eval_model import EvalModelConfig, load_eval_model
+from trainers.run import save_config
 
 
 @dataclass
@@ -69,12 +71,13 @@ class Config:
 def main(cfg: Config, config_yaml: str = "") -> dict:
     run_dir = Path(cfg.run_dir).resolve()
     L.seed_everything(cfg.seed, verbose=False)
-    names = parse_names(cfg.corruptions, FAMILIES)
+    names = parse_names(cfg.corruptions)
     corruptions = {name: CorruptionDistribution(name) for name in names}  # unknown names fail here
     augmentation = augmentation_policy(cfg.augmentation, cfg.data.image_size)
     errors = _read_errors(cfg.errors_from, names) if cfg.errors_from else None
     num_classes, train_shards, val_shards = prepare_eval_data(cfg.data)
-    model = load_eval_model(cfg.init_from, cfg.model, num_classes, cfg.data.image_size, train_shards)
+    model = load_eval_model(cfg.init_from, cfg.model, num_classes, cfg.data.image_size,
+                            partial(load_image_set, train_shards, cfg.data.image_size, desc="head-fitting images"))
     fixed = load_image_set(train_shards, cfg.data.image_size, cfg.images, desc="the fixed image set").images
     rng = np.random.default_rng(cfg.seed)
     started = time.perf_counter()

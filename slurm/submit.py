@@ -3,10 +3,11 @@
     python -m slurm.submit recipes.mae_prepretrain --nodes 4 --gpus-per-node 8 --time 48:00:00 \\
         --partition learn --setup 'source .venv/bin/activate' -- --run_dir runs/mae_l --optim.blr 1.5e-4
 
-Everything after ``--`` goes to the recipe unchanged. Before anything is queued the recipe checks its
-flags (``--print_config``), so a typo fails now rather than hours later on the compute nodes. The batch
-script is written to ``<run_dir>/slurm/submit.sbatch``; ``sbatch`` on that file resubmits the same run,
-which resumes from the run directory's newest checkpoint.
+Everything after ``--`` goes to the recipe unchanged, except ``--run_dir``, which the script passes as the
+absolute path it resolves to. Before anything is queued the recipe checks its flags (``--print_config``),
+so a typo fails now rather than hours later on the compute nodes. The batch script is written to
+``<run_dir>/slurm/submit.sbatch``; ``sbatch`` on that file resubmits the same run, which resumes from the
+run directory's newest checkpoint.
 """
 
 from __future__ import annotations
@@ -279,10 +280,29 @@ def default_job_name(opts: SubmitOptions, run_dir: Path) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]", "_", name)[:100]
 
 
+def _without_flag(args: list[str], flag: str) -> list[str]:
+    """``args`` less every ``flag value`` and ``flag=value``."""
+    out, skip = [], False
+    for i, arg in enumerate(args):
+        if skip:
+            skip = False
+        elif arg == flag and i + 1 < len(args):
+            skip = True
+        elif not arg.startswith(flag + "="):
+            out.append(arg)
+    return out
+
+
 def recipe_command(opts: SubmitOptions, recipe_args: list[str], run_dir: Path,
                    strategy: str | None = None) -> list[str]:
-    """The command every task runs: the user's flags, then the allocation's (later flags win)."""
-    cmd = [opts.python, "-m", opts.recipe, *recipe_args, "--run_dir", str(run_dir),
+    """The command every task runs: the user's flags, then the allocation's (later flags win).
+
+    The user's --run_dir is replaced by the absolute path it resolved to at submit time rather than repeated
+    before it: the script cds to the submit directory, so both name the same place, but a reader of the srun
+    line (or of `ps` on a node) should see one run directory, not two to reconcile.
+    """
+    user_args = _without_flag(recipe_args, "--run_dir")
+    cmd = [opts.python, "-m", opts.recipe, *user_args, "--run_dir", str(run_dir),
            "--trainer.num_nodes", str(opts.nodes), "--trainer.devices", str(opts.tasks),
            "--trainer.accelerator", opts.accelerator]
     if strategy:
@@ -290,15 +310,8 @@ def recipe_command(opts: SubmitOptions, recipe_args: list[str], run_dir: Path,
     return cmd
 
 
-def build_script(opts: SubmitOptions, recipe_args: list[str], run_dir: Path, cwd: Path,
-                 strategy: str | None = None) -> str:
-    """The batch script. ``strategy`` is forced onto the recipe when given (None keeps the recipe's)."""
-    run_dir, cwd = Path(run_dir), Path(cwd)
-    if not run_dir.is_absolute() or not cwd.is_absolute():
-        raise SubmitError(f"run_dir and cwd must be absolute paths, got {run_dir} and {cwd}")
-    if re.search(r"[\s%]", str(run_dir)):
-        raise SubmitError(f"run_dir {str(run_dir)!r} holds a space or '%', which an #SBATCH --output line cannot "
-                          "carry; choose a run directory without them")
+def _sbatch_options(opts: SubmitOptions, run_dir: Path) -> list[str]:
+    """The script's #SBATCH options: the allocation, then signal, requeue and log, then the user's own."""
     sbatch = [f"--job-name={opts.job_name or default_job_name(opts, run_dir)}",
               f"--nodes={opts.nodes}",
               f"--ntasks-per-node={opts.tasks}"]
@@ -312,7 +325,20 @@ def build_script(opts: SubmitOptions, recipe_args: list[str], run_dir: Path, cwd
         sbatch.append("--exclusive")
     sbatch += [f"--signal=USR1@{opts.signal_seconds}", "--requeue", "--open-mode=append",
                f"--output={run_dir}/slurm/%j.out", *opts.sbatch_args]
+    return sbatch
 
+
+
+def build_script(opts: SubmitOptions, recipe_args: list[str], run_dir: Path, cwd: Path,
+                 strategy: str | None = None) -> str:
+    """The batch script. ``strategy`` is forced onto the recipe when given (None keeps the recipe's)."""
+    run_dir, cwd = Path(run_dir), Path(cwd)
+    if not run_dir.is_absolute() or not cwd.is_absolute():
+        raise SubmitError(f"run_dir and cwd must be absolute paths, got {run_dir} and {cwd}")
+    if re.search(r"[\s%]", str(run_dir)):
+        raise SubmitError(f"run_dir {str(run_dir)!r} holds a space or '%', which an #SBATCH --output line cannot "
+                          "carry; choose a run directory without them")
+    sbatch = _sbatch_options(opts, run_dir)
     submit_cmd = shlex.join(["python", "-m", "slurm.submit", opts.recipe] + _submit_flags(opts) + ["--", *recipe_args])
     lines = [
         "#!/bin/bash",

@@ -10,9 +10,8 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import LearningRateMonitor, TQDMProgressBar
 from lightning.pytorch.loggers import WandbLogger
-from lightning.pytorch.utilities import rank_zero_info
 
-from trainers.callbacks import DestroyProcessGroup, SpeedOptions, StepCheckpoint
+from trainers.callbacks import DataPosition, DestroyProcessGroup, SpeedOptions, StepCheckpoint
 from trainers.checkpoint import CHECKPOINT_DIR, AtomicCheckpointIO
 from trainers.cluster import check_allocation, slurm_plugins
 from trainers.guards import NonFiniteLossGuard
@@ -63,6 +62,9 @@ class TrainerConfig:
     """Skip a step whose loss is NaN/inf; stop (with a checkpoint) after this many in a row. 0 turns the guard off."""
     signal_check_every_n_steps: int = 1
     """Steps between checks (one tiny all-reduce) for SIGUSR1/SIGTERM; the run saves and stops at the next check."""
+    cpu_threads: int | None = None
+    """torch intra-op threads per training process. None: the cores this process may use minus its loader workers
+    (at least 1; trainers/threads.py). 1 on a machine shared with other jobs."""
     compile: bool = False
     """torch.compile the model before the first step (see BENCHMARKS.md for where it pays)."""
     channels_last: bool = False
@@ -77,6 +79,8 @@ class TrainerConfig:
             raise ValueError(f"Unknown trainer.precision {self.precision!r}. Choose one of: {', '.join(PRECISIONS)}.")
         if self.max_nonfinite_steps < 0:
             raise ValueError(f"trainer.max_nonfinite_steps must be >= 0, got {self.max_nonfinite_steps}")
+        if self.cpu_threads is not None and self.cpu_threads < 1:
+            raise ValueError(f"trainer.cpu_threads must be >= 1 (or unset), got {self.cpu_threads}")
         for name in ("max_steps", "num_nodes", "checkpoint_every_n_steps", "accumulate_grad_batches",
                      "signal_check_every_n_steps"):
             if getattr(self, name) < 1:
@@ -124,15 +128,9 @@ def wandb_run_id(run_dir: Path) -> str:
     return run_id
 
 
-def build_trainer(cfg: TrainerConfig, logging: LoggingConfig, run_dir: str | Path, callbacks=(), *,
-                  batch_size_per_device: int, seed: int = 0) -> L.Trainer:
-    """The Trainer for a run directory, with the fault-tolerance callbacks every run gets: preemption
-    (signals -> checkpoint -> requeue), per-rank random state in checkpoints, the non-finite loss guard.
-
-    ``batch_size_per_device`` is the loader's batch: DeepSpeed needs it and cannot read it from our
-    pre-batched loaders (PL#19460)."""
-    run_dir = Path(run_dir)
-    devices = check_allocation(cfg.devices, cfg.num_nodes)  # before anything waits on other ranks
+def check_devices(cfg: TrainerConfig) -> int | str:
+    """The devices per node, checked against the allocation and the machine before anything waits on other ranks."""
+    devices = check_allocation(cfg.devices, cfg.num_nodes)
     if STRATEGIES[cfg.strategy] and not uses_gpu(cfg):
         raise ValueError(
             f"trainer.strategy={cfg.strategy!r} needs CUDA GPUs and none is in use here. "
@@ -142,29 +140,34 @@ def build_trainer(cfg: TrainerConfig, logging: LoggingConfig, run_dir: str | Pat
         raise ValueError("trainer.accelerator='gpu' but no CUDA GPU is visible; use 'auto' or 'cpu'.")
     if uses_gpu(cfg):
         torch.set_float32_matmul_precision("high")  # TF32 for whatever still runs in fp32
+    return devices
 
-    wandb_logger = WandbLogger(
-        project=logging.project,
-        name=logging.name or run_dir.name,
-        group=logging.group,
-        save_dir=str(run_dir),
-        id=wandb_run_id(run_dir),
-        offline=not logging.online,
-        resume="allow",
-    )
-    csv_logger = ResumableCSVLogger(save_dir=str(run_dir))
-    checkpoints = StepCheckpoint(
-        dirpath=run_dir / CHECKPOINT_DIR,
-        filename="step-{step:06d}",
-        auto_insert_metric_name=False,
-        every_n_train_steps=cfg.checkpoint_every_n_steps,
-        save_last=True,
-        save_top_k=cfg.keep_last_n_checkpoints,
-        monitor="step",
-        mode="max",
-        enable_version_counter=False,
-    )
-    fault_tolerance = [RandomStateCheckpoint(seed), PreemptionHandler(run_dir, cfg.signal_check_every_n_steps)]
+
+def wandb_logger(logging: LoggingConfig, run_dir: Path) -> WandbLogger:
+    """Offline unless asked otherwise, one run id per run directory (resumed, never duplicated)."""
+    return WandbLogger(project=logging.project, name=logging.name or run_dir.name, group=logging.group,
+                       save_dir=str(run_dir), id=wandb_run_id(run_dir), offline=not logging.online, resume="allow")
+
+
+def step_checkpoints(cfg: TrainerConfig, run_dir: Path) -> StepCheckpoint:
+    """last.ckpt plus the newest ``keep_last_n_checkpoints`` step-NNNNNN.ckpt, every ``checkpoint_every_n_steps``."""
+    return StepCheckpoint(dirpath=run_dir / CHECKPOINT_DIR, filename="step-{step:06d}", auto_insert_metric_name=False,
+                          every_n_train_steps=cfg.checkpoint_every_n_steps, save_last=True,
+                          save_top_k=cfg.keep_last_n_checkpoints, monitor="step", mode="max",
+                          enable_version_counter=False)
+
+
+def build_trainer(cfg: TrainerConfig, logging: LoggingConfig, run_dir: str | Path, callbacks=(), *,
+                  batch_size_per_device: int, seed: int = 0) -> L.Trainer:
+    """The Trainer for a run directory, with the fault-tolerance callbacks every run gets: preemption
+    (signals -> checkpoint -> requeue), per-rank random state in checkpoints, the non-finite loss guard.
+
+    ``batch_size_per_device`` is the loader's batch: DeepSpeed needs it and cannot read it from our
+    pre-batched loaders (PL#19460)."""
+    run_dir = Path(run_dir)
+    devices = check_devices(cfg)
+    fault_tolerance = [RandomStateCheckpoint(seed), PreemptionHandler(run_dir, cfg.signal_check_every_n_steps),
+                       DataPosition()]
     if cfg.max_nonfinite_steps:
         fault_tolerance.append(NonFiniteLossGuard(run_dir, cfg.max_nonfinite_steps, cfg.log_every_n_steps))
     precision = resolve_precision(cfg)
@@ -190,9 +193,9 @@ def build_trainer(cfg: TrainerConfig, logging: LoggingConfig, run_dir: str | Pat
         gradient_clip_val=cfg.gradient_clip_val,
         accumulate_grad_batches=cfg.accumulate_grad_batches,
         deterministic=cfg.deterministic,
-        logger=[wandb_logger, csv_logger],
+        logger=[wandb_logger(logging, run_dir), ResumableCSVLogger(save_dir=str(run_dir))],
         # The bar reads the logged loss back from the device when it redraws: at the logging cadence, not every step.
-        callbacks=[checkpoints, LearningRateMonitor(logging_interval="step"), DestroyProcessGroup(),
+        callbacks=[step_checkpoints(cfg, run_dir), LearningRateMonitor(logging_interval="step"), DestroyProcessGroup(),
                    TQDMProgressBar(refresh_rate=cfg.log_every_n_steps), SpeedOptions(cfg.compile, cfg.channels_last),
                    *callbacks,
                    TrimMetricsOnResume(),
@@ -200,48 +203,3 @@ def build_trainer(cfg: TrainerConfig, logging: LoggingConfig, run_dir: str | Pat
         plugins=plugins,
         num_sanity_val_steps=1,
     )
-
-
-@dataclass
-class FitOutcome:
-    finished: bool
-    """Training reached max_steps."""
-    message: str
-    exit_code: int
-    """What the process should exit with: 0 when finished or stopped for preemption, 1 when the guard stopped it."""
-
-
-def finished_fit(trainer: L.Trainer) -> FitOutcome | None:
-    """The outcome of a ``fit`` that reached its end, or None when it stopped early: then the reason is logged,
-    and the process exits 1 when the non-finite guard stopped it. Either way there is nothing to export yet."""
-    outcome = fit_outcome(trainer)
-    if outcome.finished:
-        return outcome
-    rank_zero_info(outcome.message)
-    if outcome.exit_code:
-        raise SystemExit(outcome.exit_code)
-    return None
-
-
-def print_outputs(outcome: FitOutcome, outputs: dict) -> None:
-    """How every recipe ends: why it stopped and where everything is."""
-    print(f"\n{outcome.message}")
-    for name, value in outputs.items():
-        print(f"  {name:<14} {value}")
-    print(f"  upload the W&B run with: wandb sync {outputs['wandb']}")
-
-
-def fit_outcome(trainer: L.Trainer) -> FitOutcome:
-    """Why ``fit`` returned: finished, stopped by a signal (resume later), or stopped by the non-finite guard."""
-    for callback in trainer.callbacks:
-        if isinstance(callback, NonFiniteLossGuard) and callback.stopped is not None:
-            return FitOutcome(False, f"Stopped at step {trainer.global_step}: non-finite loss (see above); the "
-                                     f"state before the first bad step is in {callback.stopped}.", 1)
-        if isinstance(callback, PreemptionHandler) and callback.stopped_at is not None:
-            then = ("the requeued job resumes from it" if callback.requeued
-                    else "rerun the same command (or resubmit the sbatch script) to resume from it")
-            return FitOutcome(False, f"Stopped by a signal at step {callback.stopped_at}: saved {callback.checkpoint}; "
-                                     f"{then}.", 0)
-    if trainer.global_step < (trainer.max_steps or 0):
-        return FitOutcome(False, f"Stopped at step {trainer.global_step} of {trainer.max_steps}.", 1)
-    return FitOutcome(True, f"Done at step {trainer.global_step}.", 0)

@@ -1,6 +1,8 @@
-"""Callbacks shared by every method: checkpoint cadence, throughput, image panels, clean shutdown, speed options."""
+"""Callbacks shared by every method: checkpoint cadence, the data position, throughput, image panels, clean shutdown,
+speed options."""
 
 import contextlib
+import functools
 import time
 from pathlib import Path
 
@@ -9,6 +11,8 @@ import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import WandbLogger
 from torchvision.utils import make_grid, save_image
+
+from trainers.lightning_compat import last_saved_step, record_saved_step, save_checkpoint_now, training_position
 
 
 class StepCheckpoint(ModelCheckpoint):
@@ -20,14 +24,32 @@ class StepCheckpoint(ModelCheckpoint):
 
     def note_saved(self, step: int) -> None:
         """Another callback (preemption, the non-finite guard) saved this step: no second save at the end."""
-        self._last_global_step_saved = step
+        record_saved_step(self, step)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.global_step > 0 and self._last_global_step_saved != trainer.global_step:
-            candidates = self._monitor_candidates(trainer)
-            self._save_topk_checkpoint(trainer, candidates)
-            self._save_last_checkpoint(trainer, candidates)
+        if trainer.global_step > 0 and last_saved_step(self) != trainer.global_step:
+            save_checkpoint_now(self, trainer)
         super().on_train_end(trainer, pl_module)
+
+
+class DataPosition(Callback):
+    """Gives the datamodule Lightning's count of where training stands, which its checkpoint state records.
+
+    A datamodule with a ``training_position`` attribute (``datamodules.sharded.ShardedDataModule``) gets a function
+    returning (epoch, batches done in it) during fit, None outside it (``lightning_compat.training_position``).
+    The datamodule cannot ask Lightning's loops itself: datamodules import neither trainers/ nor Lightning's
+    private parts. Without this callback a mid-epoch checkpoint records only the epoch.
+    """
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        datamodule = trainer.datamodule
+        if datamodule is not None and hasattr(datamodule, "training_position"):
+            datamodule.training_position = functools.partial(training_position, trainer)
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        datamodule = trainer.datamodule
+        if datamodule is not None and hasattr(datamodule, "training_position"):
+            datamodule.training_position = None  # no reference to a finished Trainer
 
 
 class ThroughputLogger(Callback):

@@ -7,11 +7,8 @@ Both hold the network at ``self.model`` (the probe's linear classifier at ``self
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
-import lightning as L
 import torch
 import torch.nn.functional as F
 from timm.data import Mixup
@@ -23,11 +20,9 @@ from torch import nn
 
 import models
 from evaluation.classification import TopKAccuracy
-from trainers.build import finished_fit, print_outputs
-from trainers.export import export_model
 from trainers.handoff import classifier_name, init_backbone
-from trainers.optim import (LARSConfig, OptimConfig, build_adamw, build_lars, build_warmup_cosine,
-                            param_groups_layer_decay)
+from trainers.method import Method, as_config
+from trainers.optim import LARSConfig, OptimConfig, param_groups_layer_decay
 
 
 # ---- configs -----------------------------------------------------------------------------------------------
@@ -156,64 +151,31 @@ def _flops_per_sample(model: nn.Module) -> float | None:
     return 3 * complexity().flops if callable(complexity) else None  # forward + backward
 
 
-def training_flops_per_sample(model_kwargs: dict) -> float | None:
-    """Forward + backward FLOPs per image of a registered model (built on the meta device: no memory)."""
-    with torch.device("meta"):
-        return _flops_per_sample(models.create(**model_kwargs))
-
-
-# ---- the end of a run -------------------------------------------------------------------------------------
-
-def evaluate_and_export(trainer: L.Trainer, module: L.LightningModule, datamodule, run_dir: Path,
-                        networks: Callable[[Path], dict]) -> dict:
-    """After fit: evaluate (every rank), then on rank 0 export ``networks(checkpoint)`` (output name -> network)
-    and print where everything is."""
-    outcome = finished_fit(trainer)
-    if outcome is None:  # preempted or stopped by the guard: nothing to evaluate or export yet
-        return {}
-    results = trainer.validate(module, datamodule=datamodule, verbose=False)
-    if not trainer.is_global_zero:
-        return {}
-    metrics = results[0] if results else {}
-    outputs = {"run_dir": run_dir, "checkpoint": Path(trainer.checkpoint_callback.last_model_path)}
-    for name, network in networks(outputs["checkpoint"]).items():
-        outputs[name] = export_model(network, run_dir / "export" / f"{name}.safetensors", step=trainer.global_step,
-                                     **{k.split("/")[-1]: v for k, v in metrics.items()})
-    for key, value in metrics.items():
-        if key.endswith(("top1", "top5")):
-            outputs[key.split("/")[-1]] = round(float(value), 3)
-    experiment = trainer.loggers[0].experiment
-    outputs["wandb"] = Path(experiment.dir).parent
-    experiment.finish()  # a next recipe in this process must open its own W&B run, not append to this one
-    print_outputs(outcome, outputs)
-    return outputs
-
-
 # ---- fine-tuning -----------------------------------------------------------------------------------------------
 
-class ImageClassification(L.LightningModule):
+class ImageClassification(Method):
     """End-to-end fine-tuning (MAE main_finetune.py): mixup/CutMix with label smoothing and random erasing
     on the device, AdamW over layer-decay groups, per-step warmup + cosine, optional weight EMA.
 
     Args:
         model: keyword arguments of ``models.create`` (``classifier_kwargs``), ``num_classes`` included.
-        optim: the fields of ``FinetuneOptimConfig``.
+        optim: ``FinetuneOptimConfig``; augment: ``AugmentConfig`` (its device-side parts are used here);
+            ema: ``EMAConfig``. Each also as a dict of its fields, as checkpoints store them.
         lr: the peak learning rate (already scaled by the effective batch).
         total_steps: length of the schedule in optimizer steps.
-        augment: the fields of ``AugmentConfig`` (its device-side parts are used here).
-        ema: the fields of ``EMAConfig``.
-    Hyperparameters are plain values so that checkpoints load with ``torch.load(weights_only=True)``.
     """
 
-    def __init__(self, model: dict, optim: dict, lr: float, total_steps: int, augment: dict | None = None,
-                 ema: dict | None = None):
-        super().__init__()
-        self.save_hyperparameters()
+    batch_keys = ("image", "label")
+
+    def __init__(self, model: dict, optim: FinetuneOptimConfig | dict | None, lr: float, total_steps: int,
+                 augment: AugmentConfig | dict | None = None, ema: EMAConfig | dict | None = None):
+        super().__init__(as_config(FinetuneOptimConfig, optim), lr, total_steps)
+        self.augment_cfg = as_config(AugmentConfig, augment)
+        self.ema_cfg = as_config(EMAConfig, ema)
+        self.record_hparams(model=model, optim=self.optim_cfg, lr=lr, total_steps=total_steps, augment=self.augment_cfg,
+                         ema=self.ema_cfg)
         self.model = models.create(**model)
         self.num_classes = int(model["num_classes"])
-        self.optim_cfg = FinetuneOptimConfig(**optim)
-        self.augment_cfg = AugmentConfig(**(augment or {}))
-        self.ema_cfg = EMAConfig(**(ema or {}))
         aug = self.augment_cfg
         self.mixup = Mixup(mixup_alpha=aug.mixup, cutmix_alpha=aug.cutmix, prob=aug.mixup_prob,
                            switch_prob=aug.switch_prob, mode=aug.mixup_mode, label_smoothing=aug.smoothing,
@@ -232,7 +194,7 @@ class ImageClassification(L.LightningModule):
         self._ema_seen_step = 0
         self._labels_checked = False
 
-    def init_backbone(self, source) -> list[str]:
+    def init_from(self, source) -> list[str]:
         """Weights of an earlier stage (``trainers.handoff.init_backbone``); the EMA restarts from them."""
         lines = init_backbone(self.model, source)
         if self.ema is not None:
@@ -241,8 +203,7 @@ class ImageClassification(L.LightningModule):
         return lines
 
     def compute_loss(self, batch) -> torch.Tensor:
-        """The training loss of a batch (random erasing and mixup included), without logging: what a plain
-        PyTorch loop calls (recipes/benchmark.py). The EMA update stays in on_train_batch_end."""
+        """Random erasing and mixup included; the EMA update stays in on_train_batch_end."""
         images, labels = batch["image"], batch["label"]
         if not self._labels_checked:
             _check_labels(labels, self.num_classes)
@@ -258,10 +219,9 @@ class ImageClassification(L.LightningModule):
             images, targets = self.mixup(images, labels)
         return self.criterion(self.model(images), targets)
 
-    def training_step(self, batch, batch_idx):
-        loss = self.compute_loss(batch)
-        self.log("train/loss", loss, prog_bar=True)
-        return loss
+    def param_groups(self) -> list[dict]:
+        skip = self.model.no_weight_decay() if hasattr(self.model, "no_weight_decay") else set()
+        return param_groups_layer_decay(self.model, self.optim_cfg.weight_decay, self.optim_cfg.layer_decay, skip)
 
     def on_train_start(self):
         self._ema_seen_step = self.trainer.global_step
@@ -292,18 +252,10 @@ class ImageClassification(L.LightningModule):
             for name, value in self.ema_accuracy.compute_and_reset().items():
                 self.log(f"val/ema_{name}", value)
 
-    def configure_optimizers(self):
-        cfg, lr = self.optim_cfg, self.hparams.lr
-        skip = self.model.no_weight_decay() if hasattr(self.model, "no_weight_decay") else set()
-        groups = param_groups_layer_decay(self.model, cfg.weight_decay, cfg.layer_decay, skip)
-        optimizer = build_adamw(groups, cfg, lr)
-        scheduler = build_warmup_cosine(optimizer, cfg, lr, self.hparams.total_steps)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
-
 
 # ---- linear probing ----------------------------------------------------------------------------------------------
 
-class LinearProbe(L.LightningModule):
+class LinearProbe(Method):
     """A linear classifier on frozen features (MAE main_linprobe.py): ``BatchNorm1d(affine=False, eps=1e-6)``
     then ``Linear`` (trunc_normal(0.01)) on the backbone's pooled features (ViT: the cls token after the final
     norm), trained with LARS and plain cross-entropy.
@@ -315,24 +267,27 @@ class LinearProbe(L.LightningModule):
     Args:
         model: keyword arguments of ``models.create`` for the backbone; ``num_classes`` must be 0.
         num_classes: outputs of the probe.
-        optim: the fields of ``LARSConfig``.
+        optim: ``LARSConfig`` (or its fields as a dict).
         lr, total_steps: as ``ImageClassification``.
     """
 
-    def __init__(self, model: dict, num_classes: int, optim: dict, lr: float, total_steps: int):
-        super().__init__()
-        self.save_hyperparameters()
+    batch_keys = ("image", "label")
+
+    def __init__(self, model: dict, num_classes: int, optim: LARSConfig | dict | None, lr: float, total_steps: int):
+        super().__init__(as_config(LARSConfig, optim), lr, total_steps)
+        self.record_hparams(model=model, num_classes=num_classes, optim=self.optim_cfg, lr=lr, total_steps=total_steps)
         if model.get("num_classes", 0) != 0:
             raise ValueError(f"LinearProbe's backbone must be built without a head (num_classes=0), got {model}")
         self.model = models.create(**model).requires_grad_(False)
         self.num_classes = num_classes
-        self.optim_cfg = LARSConfig(**optim)
         dim = getattr(self.model, "num_features", None) or self.model.cfg.embed_dim
         self.head = nn.Sequential(nn.BatchNorm1d(dim, affine=False, eps=1e-6), nn.Linear(dim, num_classes))
         trunc_normal_(self.head[1].weight, std=0.01)
         nn.init.zeros_(self.head[1].bias)
         self.accuracy = TopKAccuracy(num_classes)
-        self.flops_per_sample = _flops_per_sample(self.model)  # x3 overcounts: no backward through the backbone
+        # Forward only: nothing propagates back through the frozen backbone, and the head's share is negligible.
+        self.flops_per_sample = (_flops_per_sample(self.model) or 0) / 3 or None
+        self.warn_without_init = "No --init_from: probing a randomly initialised backbone (a baseline, not a result)."
         self._labels_checked = False
 
     def train(self, mode: bool = True):
@@ -345,13 +300,14 @@ class LinearProbe(L.LightningModule):
             features = self.model(images)
         return self.head(features.float())
 
-    def training_step(self, batch, batch_idx):
+    def compute_loss(self, batch) -> torch.Tensor:
         if not self._labels_checked:
             _check_labels(batch["label"], self.num_classes)
             self._labels_checked = True
-        loss = F.cross_entropy(self(batch["image"]), batch["label"])
-        self.log("train/loss", loss, prog_bar=True)
-        return loss
+        return F.cross_entropy(self(batch["image"]), batch["label"])
+
+    def param_groups(self) -> list[dict]:
+        return [{"params": list(self.head.parameters())}]
 
     def validation_step(self, batch, batch_idx):
         logits, labels = self(batch["image"]), batch["label"]
@@ -361,12 +317,6 @@ class LinearProbe(L.LightningModule):
     def on_validation_epoch_end(self):
         for name, value in self.accuracy.compute_and_reset().items():
             self.log(f"val/{name}", value, prog_bar=name == "top1")
-
-    def configure_optimizers(self):
-        cfg, lr = self.optim_cfg, self.hparams.lr
-        optimizer = build_lars([{"params": list(self.head.parameters())}], cfg, lr)
-        scheduler = build_warmup_cosine(optimizer, cfg, lr, self.hparams.total_steps)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     @torch.no_grad()
     def as_classifier(self) -> nn.Module:

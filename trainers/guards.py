@@ -1,7 +1,8 @@
 """A guard against non-finite losses: skip the step, count it, stop after too many in a row.
 
 A NaN loss would turn every weight into NaN at the optimizer step, and the next checkpoint would save
-them. The guard looks at every step's loss; if it is NaN or infinite on any rank, the step is skipped on
+them. The training step hands its loss to the guard (``guard_step``; every method's shared step in
+trainers/method.py does); if it is NaN or infinite on any rank, the step is skipped on
 every rank: the batch is consumed and the step counts toward max_steps (the schedule moves on), but the
 weights and optimizer state are untouched. After ``max_consecutive`` bad steps in a row the run stops
 with a checkpoint; since the bad steps changed nothing, it holds the weights and optimizer state from
@@ -36,6 +37,15 @@ log = logging.getLogger(__name__)
 
 # Returning None is how the host-side guard skips a step; Lightning warns about it as if it were a mistake.
 warnings.filterwarnings("ignore", message=r".*`training_step` returned `None`")
+
+
+def guard_step(trainer, output):
+    """The training step's return value through the run's non-finite guard, if it has one (``NonFiniteLossGuard.check``).
+    Every method's step calls this (trainers/method.py); a LightningModule of one's own can too."""
+    for callback in trainer.callbacks:
+        if isinstance(callback, NonFiniteLossGuard):
+            return callback.check(trainer, output)
+    return output
 
 
 class NonFiniteLossError(RuntimeError):
@@ -88,13 +98,11 @@ class NonFiniteLossGuard(Callback):
             self._pending = zero(torch.float32)
             self._last_step = trainer.global_step
             self._skipped_at_start = self._reported = self.skipped
-        original = pl_module.training_step
-        guarded = self._device_guarded if self.on_device else self._host_guarded
 
-        def guarded_training_step(*args, **kwargs):
-            return guarded(trainer, original(*args, **kwargs))
-
-        pl_module.training_step = guarded_training_step
+    def check(self, trainer, output):
+        """What the training step returns for its loss (``output``): the loss itself (on the device path its
+        optimizer step is skipped there if it is bad on any rank), or None when the host path skips the step."""
+        return (self._device_guarded if self.on_device else self._host_guarded)(trainer, output)
 
     @staticmethod
     def _loss(output):

@@ -38,7 +38,8 @@ log = logging.getLogger(__name__)
 
 # What a converted DeepSpeed checkpoint keeps of Lightning's client state: enough for
 # ``LightningModule.load_from_checkpoint`` and for knowing where it came from; not loops or callbacks,
-# since without optimizer state it cannot resume training anyway (ecosystem.md, DeepSpeedStrategy).
+# since without optimizer state it cannot resume training anyway (Lightning-AI/pytorch-lightning
+# src/lightning/pytorch/utilities/deepspeed.py:convert_zero_checkpoint_to_fp32_state_dict).
 CLIENT_KEYS = ("global_step", "epoch", "pytorch-lightning_version", "hyper_parameters", "hparams_name")
 # The model-states file of a ZeRO stage 1/2 checkpoint (one per model-parallel rank) and of stage 3 (one per rank)
 _MODEL_STATES = ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt")
@@ -133,12 +134,7 @@ def init_backbone(model: torch.nn.Module, source: str | Path, *, reset_head: boo
       difference raises ValueError naming every missing, unexpected and mis-shaped key and the source;
     - a new head starts at trunc_normal(std=2e-5) with zero bias (MAE).
     """
-    full = load_state_dict(source)
-    state, layout = full, "export or plain state dict (keys as the module names them)"
-    for prefix, description in LAYOUTS:
-        if any(k.startswith(prefix) for k in full):
-            state, layout = _select(full, prefix, Path(source)), f"{description}, keys under {prefix!r}"
-            break
+    state, layout = _network_of(load_state_dict(source), Path(source))
     lines = [f"init_from {source}: {layout}, {len(state)} tensors"]
     target = model.state_dict()
 
@@ -159,15 +155,8 @@ def init_backbone(model: torch.nn.Module, source: str | Path, *, reset_head: boo
             and model.pos_embed.requires_grad:
         lines.append("pos_embed: MAE's fixed sin-cos table is the learned table's starting value")
 
-    expected_missing, expected_unexpected = set(head_keys) if new_head else set(), set()
-    for gained, lost in (("fc_norm.", "norm."), ("norm.", "fc_norm.")):  # a change of pooling swaps these norms
-        gains = {k for k in target if k.startswith(gained)} - state.keys()
-        losses = {k for k in state if k.startswith(lost)} - target.keys()
-        if gains and losses:
-            expected_missing |= gains
-            expected_unexpected |= losses
-            lines.append(f"{gained.rstrip('.')}: new LayerNorm (1, 0); the source's {lost.rstrip('.')} is unused "
-                         "(the pooling differs: MAE models_vit.py)")
+    expected_missing, expected_unexpected = _pooling_change(target, state, lines)
+    expected_missing |= set(head_keys) if new_head else set()
     missing, unexpected = target.keys() - state.keys(), state.keys() - target.keys()
     misshaped = sorted(f"{k} {list(state[k].shape)} vs {list(target[k].shape)}"
                        for k in target.keys() & state.keys() if state[k].shape != target[k].shape)
@@ -187,6 +176,29 @@ def init_backbone(model: torch.nn.Module, source: str | Path, *, reset_head: boo
     lines.append(f"loaded {len(target) - len(missing)} of {len(target)} tensors"
                  + (f"; new: {', '.join(sorted(missing))}" if missing else ""))
     return lines
+
+
+def _network_of(full: dict, source: Path) -> tuple[dict, str]:
+    """The network's weights in a checkpoint of any stage (``LAYOUTS``) and a description of where they were."""
+    for prefix, description in LAYOUTS:
+        if any(k.startswith(prefix) for k in full):
+            return _select(full, prefix, source), f"{description}, keys under {prefix!r}"
+    return full, "export or plain state dict (keys as the module names them)"
+
+
+def _pooling_change(target: dict, state: dict, lines: list[str]) -> tuple[set[str], set[str]]:
+    """The norm keys a change of pooling adds (missing) and removes (unexpected): global average pooling has
+    ``fc_norm``, cls-token pooling the final ``norm`` (facebookresearch/mae models_vit.py:VisionTransformer)."""
+    expected_missing, expected_unexpected = set(), set()
+    for gained, lost in (("fc_norm.", "norm."), ("norm.", "fc_norm.")):
+        gains = {k for k in target if k.startswith(gained)} - state.keys()
+        losses = {k for k in state if k.startswith(lost)} - target.keys()
+        if gains and losses:
+            expected_missing |= gains
+            expected_unexpected |= losses
+            lines.append(f"{gained.rstrip('.')}: new LayerNorm (1, 0); the source's {lost.rstrip('.')} is unused "
+                         "(the pooling differs: MAE models_vit.py)")
+    return expected_missing, expected_unexpected
 
 
 def classifier_name(model: torch.nn.Module) -> str | None:

@@ -2,12 +2,13 @@
 
 from dataclasses import dataclass
 
-import lightning as L
 import torch
 
 import models
 from models.mae import patchify, unpatchify
-from trainers.optim import OptimConfig, build_adamw, build_warmup_cosine, param_groups_weight_decay
+from trainers.handoff import load_into
+from trainers.method import Method, as_config
+from trainers.optim import OptimConfig, param_groups_weight_decay
 
 
 @dataclass
@@ -26,33 +27,35 @@ class MAEModelConfig:
             raise ValueError(f"model.mask_ratio must be in [0, 1), got {self.mask_ratio}")
 
 
-class MAEPretraining(L.LightningModule):
+class MAEPretraining(Method):
     """Batches carry ``image`` (normalised float); the loss is the model's masked-patch loss.
 
     Args:
         model: keyword arguments of ``models.create`` (``name`` plus config overrides).
-        optim: the fields of ``OptimConfig``.
+        optim: ``OptimConfig`` (or its fields as a dict, as checkpoints store them).
         lr: the actual peak learning rate (already scaled by the effective batch).
         total_steps: length of the schedule in optimizer steps.
-    Hyperparameters are plain values so that checkpoints load with ``torch.load(weights_only=True)``.
     """
 
-    def __init__(self, model: dict, optim: dict, lr: float, total_steps: int):
-        super().__init__()
-        self.save_hyperparameters()
+    batch_keys = ("image",)
+
+    def __init__(self, model: dict, optim: OptimConfig | dict | None, lr: float, total_steps: int):
+        super().__init__(as_config(OptimConfig, optim), lr, total_steps)
+        self.record_hparams(model=model, optim=self.optim_cfg, lr=lr, total_steps=total_steps)
         self.model = models.create(**model)
-        self.optim_cfg = OptimConfig(**optim)
         self.flops_per_sample = 3 * self.model.complexity().flops  # forward + backward
 
     def compute_loss(self, batch) -> torch.Tensor:
-        """The training loss of a batch, without logging: what a plain PyTorch loop calls (recipes/benchmark.py)."""
         loss, _, _ = self.model(batch["image"])
         return loss
 
-    def training_step(self, batch, batch_idx):
-        loss = self.compute_loss(batch)
-        self.log("train/loss", loss, prog_bar=True)
-        return loss
+    def param_groups(self) -> list[dict]:
+        return param_groups_weight_decay(self.model, self.optim_cfg.weight_decay, skip=self.model.no_weight_decay())
+
+    def init_from(self, source) -> list[str]:
+        """Continue pretraining from an earlier MAE run's weights (decoder included; the optimizer starts fresh)."""
+        load_into(self.model, source, prefix="model.")
+        return [f"Initialised the model from {source}"]
 
     def validation_step(self, batch, batch_idx):
         # The same masks at every validation, so that val/loss curves compare like with like.
@@ -81,10 +84,3 @@ class MAEPretraining(L.LightningModule):
             "reconstruction": unpatchify(pred, p),
             "visible + reconstruction": unpatchify(target * (1 - removed) + pred * removed, p),
         }
-
-    def configure_optimizers(self):
-        cfg, lr = self.optim_cfg, self.hparams.lr
-        groups = param_groups_weight_decay(self.model, cfg.weight_decay, skip=self.model.no_weight_decay())
-        optimizer = build_adamw(groups, cfg, lr)
-        scheduler = build_warmup_cosine(optimizer, cfg, lr, self.hparams.total_steps)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

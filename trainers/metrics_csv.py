@@ -9,13 +9,14 @@ from pathlib import Path
 
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import CSVLogger
-from lightning.pytorch.loggers.csv_logs import ExperimentWriter
+
+from trainers.lightning_compat import KeepingExperimentWriter, csv_logger_writer
 
 
-class _AppendingWriter(ExperimentWriter):
+class _AppendingWriter(KeepingExperimentWriter):
     """Lightning's CSV writer deletes an existing metrics.csv when it starts; a resumed run appends instead."""
 
-    def _check_log_dir_exists(self) -> None:
+    def continue_file(self) -> None:
         path = Path(self.metrics_file_path)
         if path.is_file():  # continue its columns: Lightning's writer rewrites the file when a key is new to it
             with open(path, newline="") as f:
@@ -47,10 +48,7 @@ class ResumableCSVLogger(CSVLogger):
 
     @property
     def experiment(self) -> _AppendingWriter:
-        if self._experiment is None:
-            self._fs.makedirs(self.root_dir, exist_ok=True)
-            self._experiment = _AppendingWriter(log_dir=self.log_dir)
-        return self._experiment
+        return csv_logger_writer(self, _AppendingWriter)
 
 
 class TrimMetricsOnResume(Callback):

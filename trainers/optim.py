@@ -222,3 +222,13 @@ class LARS(torch.optim.Optimizer):
 def build_lars(param_groups: list[dict], cfg: LARSConfig, lr: float) -> LARS:
     return LARS(with_lr_scale(param_groups, lr), lr=lr, weight_decay=cfg.weight_decay, momentum=cfg.momentum,
                 trust_coefficient=cfg.trust_coefficient)
+
+
+def build_optimizer(param_groups: list[dict], cfg: ScheduleConfig, lr: float) -> torch.optim.Optimizer:
+    """The optimizer a config names: LARS for ``LARSConfig``; SGD with Nesterov momentum for a config whose
+    ``name`` is "sgd" (SWAG's RegNets); else AdamW (fused where the parameters allow it)."""
+    if isinstance(cfg, LARSConfig):
+        return build_lars(param_groups, cfg, lr)
+    if getattr(cfg, "name", "adamw") == "sgd":
+        return torch.optim.SGD(with_lr_scale(param_groups, lr), lr=lr, momentum=cfg.momentum, nesterov=True)
+    return build_adamw(param_groups, cfg, lr)

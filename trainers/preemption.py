@@ -20,10 +20,10 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.loggers import WandbLogger
 
 from trainers.checkpoint import CHECKPOINT_DIR
 from trainers.cluster import max_over_ranks, requeue, slurm_allocation
+from trainers.lightning_compat import disable_sigterm_broadcast
 
 log = logging.getLogger(__name__)
 
@@ -64,12 +64,9 @@ class PreemptionHandler(Callback):
 
     def on_train_start(self, trainer, pl_module) -> None:
         self._install()
-        # Lightning >= 2.5 broadcasts its own SIGTERM flag from rank 0 and reads it back at every step under DDP
-        # (training_epoch_loop.py, _broadcast_sigterm_tensor): a host-device sync per step. Its SIGTERM handler is
-        # replaced above, so that flag is always 0; the agreement below covers both signals.
-        epoch_loop = trainer.fit_loop.epoch_loop
-        if hasattr(epoch_loop, "_broadcast_sigterm_tensor"):
-            epoch_loop._broadcast_sigterm_tensor = lambda: None
+        # Lightning's own per-step SIGTERM broadcast is a host-device sync per step; its SIGTERM handler is replaced
+        # above, so the flag it broadcasts is always 0, and the agreement below covers both signals.
+        disable_sigterm_broadcast(trainer)
 
     def teardown(self, trainer, pl_module, stage) -> None:
         for signum, handler in self._previous.items():
@@ -123,16 +120,11 @@ class PreemptionHandler(Callback):
                    if p.stem.rsplit("_", 1)[-1].isdigit()]
         return self.checkpoint_dir / f"hpc_ckpt_{max(numbers, default=0) + 1}.ckpt"
 
-    def on_train_end(self, trainer, pl_module) -> None:
-        if self.stopped_at is None or not trainer.is_global_zero:
-            return
-        # Close the W&B run before asking for the requeue: the requeue kills this job's processes,
-        # W&B's writer among them, and what it had not written yet would be lost.
-        for logger in trainer.loggers:
-            if isinstance(logger, WandbLogger) and logger._experiment is not None:
-                logger.experiment.finish()
-        trainer.loggers = [lg for lg in trainer.loggers if not isinstance(lg, WandbLogger)]
-        if not self._want_requeue:
+    def requeue_if_asked(self, trainer) -> None:
+        """After a stop on SIGUSR1 inside a SLURM job, requeue the job (rank 0). Call it once the W&B run is
+        closed (trainers/run.py does): the requeue kills this job's processes, W&B's writer among them, and
+        what it had not written yet would be lost."""
+        if self.stopped_at is None or not trainer.is_global_zero or not self._want_requeue:
             return
         alloc = slurm_allocation()
         if alloc is None:

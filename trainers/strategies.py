@@ -124,6 +124,40 @@ def describe_strategy(name: str, precision: str, batch_size_per_device: int, acc
     return f"Lightning's choice (one device: plain; several: DDP), {words}, {batch}"
 
 
+def _deepspeed(name: str, precision: str, batch_size_per_device: int) -> "PrismDeepSpeedStrategy":
+    if precision not in DEEPSPEED_PRECISIONS:
+        raise ValueError(
+            f"trainer.precision={precision!r} does not work with {name}: DeepSpeed takes one of "
+            f"{', '.join(DEEPSPEED_PRECISIONS)}. Use bf16-mixed for DeepSpeed's bf16 mode (bf16 weights and "
+            "activations, fp32 master weights in the optimizer)."
+        )
+    stage, offload_optimizer, offload_params = DEEPSPEED[name]
+    strategy = PrismDeepSpeedStrategy(stage=stage, offload_optimizer=offload_optimizer,
+                                      offload_parameters=offload_params,
+                                      logging_batch_size_per_gpu=batch_size_per_device)
+    if offload_optimizer:
+        # Our LightningModules build torch's AdamW; ZeRO-Offload refuses any optimizer but its own CPU Adam
+        # unless told otherwise. torch's AdamW on the CPU is correct, only slower than DeepSpeedCPUAdam.
+        strategy.config["zero_force_ds_cpu_optimizer"] = False
+    return strategy
+
+
+def _fsdp(precision: str, gradient_clip_val: float | None) -> FSDPStrategy:
+    if precision not in FSDP_PRECISIONS:
+        raise ValueError(f"trainer.precision={precision!r} does not work with fsdp; choose one of "
+                         f"{', '.join(FSDP_PRECISIONS)}.")
+    if gradient_clip_val:
+        # Lightning's FSDPPrecision.clip_grad_by_norm raises at the first step: clipping a sharded model
+        # needs the root FSDP module's clip_grad_norm_, which the precision plugin cannot reach.
+        raise ValueError(
+            f"trainer.gradient_clip_val={gradient_clip_val} does not work with fsdp in Lightning 2.6 (norm "
+            "clipping of sharded gradients is not implemented there). Unset it, or use deepspeed_stage_3, "
+            "which shards the same way and clips natively."
+        )
+    return FSDPStrategy(auto_wrap_policy=set(FSDP_WRAP_CLASSES), sharding_strategy="FULL_SHARD",
+                        state_dict_type="full", activation_checkpointing_policy=None)
+
+
 def build_strategy(name: str, *, batch_size_per_device: int, precision: str, accumulate_grad_batches: int = 1,
                    gradient_clip_val: float | None = None) -> str | Strategy:
     """The ``strategy`` argument of ``L.Trainer`` for a strategy name of ``trainers.build.STRATEGIES``.
@@ -152,39 +186,9 @@ def build_strategy(name: str, *, batch_size_per_device: int, precision: str, acc
                          f"({accumulate_grad_batches}) must both be >= 1.")
 
     if name in DEEPSPEED:
-        if precision not in DEEPSPEED_PRECISIONS:
-            raise ValueError(
-                f"trainer.precision={precision!r} does not work with {name}: DeepSpeed takes one of "
-                f"{', '.join(DEEPSPEED_PRECISIONS)}. Use bf16-mixed for DeepSpeed's bf16 mode (bf16 weights and "
-                "activations, fp32 master weights in the optimizer)."
-            )
-        stage, offload_optimizer, offload_params = DEEPSPEED[name]
-        strategy: str | Strategy = PrismDeepSpeedStrategy(
-            stage=stage, offload_optimizer=offload_optimizer, offload_parameters=offload_params,
-            logging_batch_size_per_gpu=batch_size_per_device,
-        )
-        if offload_optimizer:
-            # Our LightningModules build torch's AdamW; ZeRO-Offload refuses any optimizer but its own CPU Adam
-            # unless told otherwise. torch's AdamW on the CPU is correct, only slower than DeepSpeedCPUAdam.
-            strategy.config["zero_force_ds_cpu_optimizer"] = False
+        strategy: str | Strategy = _deepspeed(name, precision, batch_size_per_device)
     elif name == "fsdp":
-        if precision not in FSDP_PRECISIONS:
-            raise ValueError(f"trainer.precision={precision!r} does not work with fsdp; choose one of "
-                             f"{', '.join(FSDP_PRECISIONS)}.")
-        if gradient_clip_val:
-            # Lightning's FSDPPrecision.clip_grad_by_norm raises at the first step: clipping a sharded model
-            # needs the root FSDP module's clip_grad_norm_, which the precision plugin cannot reach.
-            raise ValueError(
-                f"trainer.gradient_clip_val={gradient_clip_val} does not work with fsdp in Lightning 2.6 (norm "
-                "clipping of sharded gradients is not implemented there). Unset it, or use deepspeed_stage_3, "
-                "which shards the same way and clips natively."
-            )
-        strategy = FSDPStrategy(
-            auto_wrap_policy=set(FSDP_WRAP_CLASSES),
-            sharding_strategy="FULL_SHARD",
-            state_dict_type="full",
-            activation_checkpointing_policy=None,
-        )
+        strategy = _fsdp(precision, gradient_clip_val)
     elif name in DDP:
         strategy = DDPStrategy(find_unused_parameters=name.endswith("_true"), gradient_as_bucket_view=True)
     else:

@@ -11,7 +11,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import lightning as L
 import torch
 from torch import Tensor, nn
 from torchmetrics import MeanMetric
@@ -21,7 +20,9 @@ from evaluation.hashtags import precision_at_k, zero_shot_class_scores
 from models.vit import VisionTransformer
 from trainers.checkpoint import save_safetensors
 from trainers.export import export_vit_encoder
-from trainers.optim import OptimConfig, build_adamw, build_warmup_cosine, param_groups_weight_decay
+from trainers.handoff import init_backbone
+from trainers.method import Method, as_config
+from trainers.optim import OptimConfig, param_groups_weight_decay
 
 OPTIMIZERS = ("adamw", "sgd")
 
@@ -42,7 +43,7 @@ class WSPOptimConfig(OptimConfig):
     short runs on the synthetic world, where it learns faster than MAE's 1e-3; the paper configs set their own."""
     name: str = "adamw"
     """"adamw" (SWAG's ViTs) or "sgd" with Nesterov momentum (SWAG's RegNets); the schedule is the same warmup +
-    cosine for both (SWAG's settings are unpublished: methods.md §3)."""
+    cosine for both (facebookresearch/SWAG releases no training code, so its optimizer settings are unverified)."""
     momentum: float = 0.9
     """SGD momentum (Nesterov)."""
 
@@ -63,13 +64,13 @@ def hashtag_loss(logits: Tensor, target: Tensor, num_tagged: int) -> Tensor:
     return per_sample.sum() / max(num_tagged, 1)
 
 
-class WeaklySupervisedPretraining(L.LightningModule):
+class WeaklySupervisedPretraining(Method):
     """Batches carry ``image`` (normalised float) and ``hashtags`` (lists of str); validation batches may carry
     ``label`` for the zero-shot metric.
 
     Args:
         model: keyword arguments of ``models.create``; ``num_classes`` is the vocabulary size.
-        optim: the fields of ``WSPOptimConfig``.
+        optim: ``WSPOptimConfig`` (or its fields as a dict, as checkpoints store them).
         lr: the actual peak learning rate; total_steps: length of the schedule in optimizer steps.
         class_to_hashtags: for each class, the vocabulary indices of its hashtags (zero-shot); None: no zero-shot.
         zero_shot: keyword arguments of ``zero_shot_class_scores`` (``prior_power``, ``reduce``).
@@ -79,16 +80,18 @@ class WeaklySupervisedPretraining(L.LightningModule):
     ``vocab`` and ``hashtag_prior`` stay out of the hyperparameters (27K entries do not belong in W&B's config).
     """
 
-    def __init__(self, model: dict, optim: dict, lr: float, total_steps: int,
+    batch_keys = ("image", "hashtags")
+
+    def __init__(self, model: dict, optim: WSPOptimConfig | dict | None, lr: float, total_steps: int,
                  class_to_hashtags: list[list[int]] | None = None, zero_shot: dict | None = None,
                  vocab: Sequence[str] = (), hashtag_prior: Tensor | None = None):
-        super().__init__()
-        self.save_hyperparameters(ignore=["vocab", "hashtag_prior"])
+        super().__init__(as_config(WSPOptimConfig, optim), lr, total_steps)
+        self.record_hparams(model=model, optim=self.optim_cfg, lr=lr, total_steps=total_steps,
+                         class_to_hashtags=class_to_hashtags, zero_shot=zero_shot)
         num_hashtags = model.get("num_classes", 0)
         if num_hashtags < 1 or (vocab and len(vocab) != num_hashtags):
             raise ValueError(f"model num_classes ({num_hashtags}) must be the vocabulary size ({len(vocab)})")
         self.model = models.create(**model)
-        self.optim_cfg = WSPOptimConfig(**optim)
         self.vocab: list[str] = []
         self._index: dict[str, int] = {}
         self.set_vocab(list(vocab))
@@ -134,17 +137,21 @@ class WeaklySupervisedPretraining(L.LightningModule):
         return target, num_tagged
 
     def compute_loss(self, batch) -> Tensor:
-        """The training loss of a batch, without logging: what a plain PyTorch loop calls (recipes/benchmark.py).
-        The batch's fraction of tagged samples is left in ``self.tagged_fraction`` (a host float) for the log."""
+        """The batch's fraction of tagged samples is left in ``self.tagged_fraction`` (a host float) for the log."""
         target, num_tagged = self.hashtag_targets(batch["hashtags"])
         self.tagged_fraction = num_tagged / max(1, len(target))
         return hashtag_loss(self.model(batch["image"]), target, num_tagged)
 
-    def training_step(self, batch, batch_idx):
-        loss = self.compute_loss(batch)
-        self.log("train/loss", loss, prog_bar=True)
-        self.log("train/tagged_fraction", self.tagged_fraction)
-        return loss
+    def training_metrics(self) -> dict[str, float]:
+        return {"train/tagged_fraction": self.tagged_fraction}
+
+    def param_groups(self) -> list[dict]:
+        skip = self.model.no_weight_decay() if hasattr(self.model, "no_weight_decay") else set()
+        return param_groups_weight_decay(self.model, self.optim_cfg.weight_decay, skip=skip)
+
+    def init_from(self, source) -> list[str]:
+        """The backbone of an earlier stage (MAE, as MAWS does); the hashtag head never carries over."""
+        return init_backbone(self.model, source, reset_head=True)
 
     def validation_step(self, batch, batch_idx):
         logits = self.model(batch["image"])
@@ -161,17 +168,6 @@ class WeaklySupervisedPretraining(L.LightningModule):
                                             **(self.hparams.zero_shot or {}))
             self.val_zero_shot.update((scores.argmax(1) == batch["label"]).float())
             self.log("val/zero_shot_top1", self.val_zero_shot, batch_size=size, prog_bar=True)
-
-    def configure_optimizers(self):
-        cfg, lr = self.optim_cfg, self.hparams.lr
-        skip = self.model.no_weight_decay() if hasattr(self.model, "no_weight_decay") else set()
-        groups = param_groups_weight_decay(self.model, cfg.weight_decay, skip=skip)
-        if cfg.name == "sgd":
-            optimizer = torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, nesterov=True)
-        else:
-            optimizer = build_adamw(groups, cfg, lr)
-        scheduler = build_warmup_cosine(optimizer, cfg, lr, self.hparams.total_steps)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
 
 def trunk_state_dict(model: nn.Module) -> dict[str, Tensor]:

@@ -14,6 +14,9 @@ from .base import SEVERITIES, Corruption, check_image, check_severity, get_corru
 
 IMAGENET_C: tuple[str, ...] = names("imagenet_c")
 IMAGENET_C_BAR: tuple[str, ...] = names("imagenet_c_bar")
+FAMILIES: dict[str, tuple[str, ...]] = {"all": IMAGENET_C + IMAGENET_C_BAR, "imagenet_c": IMAGENET_C,
+                                        "imagenet_c_bar": IMAGENET_C_BAR}
+"""The names a corruption list (``parse_names``) may use for a whole family."""
 
 
 def corrupt(image: np.ndarray, name: str, severity: int, rng: np.random.Generator) -> np.ndarray:
@@ -21,4 +24,13 @@ def corrupt(image: np.ndarray, name: str, severity: int, rng: np.random.Generato
     return get_corruption(name)(check_image(image), check_severity(severity), rng)
 
 
-__all__ = ["IMAGENET_C", "IMAGENET_C_BAR", "SEVERITIES", "Corruption", "corrupt", "get_corruption", "names"]
+def parse_names(spec: str, choices: dict[str, tuple[str, ...]] = FAMILIES) -> list[str]:
+    """'all', a family name, or comma-separated names and families -> corruption names, in order, once each."""
+    out: list[str] = []
+    for part in (p.strip() for p in spec.split(",") if p.strip()):
+        out += choices.get(part, (part,))
+    return list(dict.fromkeys(out))
+
+
+__all__ = ["FAMILIES", "IMAGENET_C", "IMAGENET_C_BAR", "SEVERITIES", "Corruption", "corrupt", "get_corruption",
+           "names", "parse_names"]

@@ -9,7 +9,7 @@ import webdataset as wds
 from PIL import Image
 
 from datamodules import make_shards as M
-from datamodules.shard_writer import ShardWriter, read_index
+from datamodules.shard_writer import ShardWriter, balanced_shard_sizes, read_index, read_shard_counts
 
 
 def jpeg_bytes(colour=(200, 30, 30), size=(40, 32)):
@@ -87,6 +87,33 @@ def test_writer_refuses_to_mix_with_an_old_set_unless_overwriting(tmp_path):
     assert index(tmp_path)["num_samples"] == 1
 
 
+def test_writer_follows_planned_shard_sizes_then_max_count(tmp_path):
+    with ShardWriter(str(tmp_path), "train", max_count=5, shard_sizes=[4, 1, 2]) as w:
+        for i in range(14):
+            w.write({"__key__": f"k{i:03d}", "txt": str(i)})
+    assert list(index(tmp_path)["shards"].values()) == [4, 1, 2, 5, 2]  # 14 = 4 + 1 + 2, then 5 + 2
+    assert [s["txt"] for s in read_shards(tmp_path)] == [str(i).encode() for i in range(14)]  # order kept
+    paths = sorted(str(p) for p in tmp_path.glob("train-*.tar"))
+    assert read_shard_counts(paths[::-1]) == [2, 5, 2, 1, 4]  # in the order asked for
+    with pytest.raises(ValueError, match="shard_sizes"):
+        ShardWriter(str(tmp_path / "other"), "train", shard_sizes=[3, 0])
+
+
+@pytest.mark.parametrize("num_samples, max_count, min_shards, expected", [
+    (1800, 1000, 8, [225] * 8),  # ~1,800 images: 8 shards, not one
+    (20, 1000, 8, [3, 3, 3, 3, 2, 2, 2, 2]),  # 20 = 4 x 3 + 4 x 2
+    (5, 1000, 8, [1] * 5),  # fewer samples than shards: one each
+    (7999, 1000, 8, [1000] * 7 + [999]),  # just under 8 x 1000
+    (8000, 1000, 8, None),  # 8 full shards: max_count decides
+    (30, 1000, 1, [30]),  # --min_shards 1: as few shards as max_count allows
+    (32, 4, 8, None),  # 32 = 8 x 4
+    (30, 4, 8, [4] * 6 + [3] * 2),  # 30 = 6 x 4 + 2 x 3, none over max_count
+    (0, 1000, 8, None),
+])
+def test_balanced_shard_sizes(num_samples, max_count, min_shards, expected):
+    assert balanced_shard_sizes(num_samples, max_count, min_shards) == expected
+
+
 def test_writer_with_nothing_written(tmp_path):
     with ShardWriter(str(tmp_path), "train") as w:
         w.skip("corrupt_image")
@@ -136,7 +163,7 @@ def imagefolder(tmp_path):
 def test_imagefolder(imagefolder, tmp_path, capsys):
     out = tmp_path / "out"
     assert M.main(["--format", "imagefolder", "--input", str(imagefolder), "--output", str(out),
-                   "--max_count", "2"]) == 0
+                   "--max_count", "2", "--min_shards", "1"]) == 0
     assert json.loads((out / "classes.json").read_text()) == {"bird": 0, "cat": 1, "dog": 2}
     idx = index(out)
     assert idx["num_samples"] == 3 and idx["shards"] == {"train-000000.tar": 2, "train-000001.tar": 1}
@@ -156,7 +183,24 @@ def test_imagefolder(imagefolder, tmp_path, capsys):
     assert M.main(["--format", "imagefolder", "--input", str(imagefolder), "--output", str(out)]) == 2
     assert "already holds a shard set" in capsys.readouterr().err
     assert M.main(["--format", "imagefolder", "--input", str(imagefolder), "--output", str(out), "--overwrite"]) == 0
-    assert index(out)["shards"] == {"train-000000.tar": 3}
+    # by default 6 inputs make 6 shards of one (fewer inputs than --min_shards 8); the 3 skipped leave 3
+    assert index(out)["shards"] == {f"train-00000{i}.tar": 1 for i in range(3)}
+
+
+def test_a_small_set_is_cut_into_min_shards_shards(tmp_path, capsys):
+    root = tmp_path / "small"
+    for i in range(20):
+        write(root / ("a" if i % 2 else "b") / f"{i:02d}.jpg", jpeg_bytes((10 * i, 0, 0)))
+    out = tmp_path / "out"
+    assert M.main(["--format", "imagefolder", "--input", str(root), "--output", str(out)]) == 0
+    assert list(index(out)["shards"].values()) == [3, 3, 3, 3, 2, 2, 2, 2]  # 20 over the default 8 shards
+    assert "wrote 20 samples in 8 shard(s)" in capsys.readouterr().out
+    assert M.main(["--format", "imagefolder", "--input", str(root), "--output", str(out), "--overwrite",
+                   "--min_shards", "1"]) == 0
+    assert index(out)["shards"] == {"train-000000.tar": 20}
+    with pytest.raises(SystemExit) as exit_:
+        M.main(["--format", "imagefolder", "--input", str(root), "--output", str(out), "--min_shards", "0"])
+    assert exit_.value.code == 2 and "--min_shards must be >= 1, got 0" in capsys.readouterr().err
 
 
 def test_captions_csv_and_tsv(tmp_path):

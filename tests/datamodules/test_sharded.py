@@ -4,9 +4,14 @@ finite validation, device-side normalisation, and a real Lightning fit (epochs, 
 import io
 import json
 import logging
+import os
 import pickle
+import subprocess
 import sys
+import tarfile
 import types
+from collections import Counter
+from pathlib import Path
 
 import fsspec
 import lightning as L
@@ -18,9 +23,12 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from PIL import Image
 
 from datamodules.sharded import DataConfig, ShardedDataModule
-from datamodules.streams import CorruptDataError, FiniteShardStream, ResampledShardStream, ShardLoader, worker_share
+from datamodules.shard_writer import ShardWriter
+from datamodules.streams import (CorruptDataError, FiniteShardStream, ResampledShardStream, ShardLoader, ShardPiece,
+                                 finite_split, worker_share)
 from datamodules.shards import ShardSpecError
 from datamodules.transforms import eval_transform, mae_train_transform
+from trainers.callbacks import DataPosition  # the trainer side of the data position: how these fits get it
 
 SIZE = 8  # output side; the JPEGs are 16 x 16
 PER_SHARD = 8
@@ -254,10 +262,88 @@ def test_val_batches_cap(data):
     assert len(loader) == 3 and len(list(loader)) == 3
 
 
-def test_too_few_val_shards_for_the_readers(data):
+def test_one_val_shard_feeds_two_workers_every_sample_once(data):
     dm = _module(data, val_shards=data["train"][0], num_workers=2)
-    with pytest.raises(ValueError, match="--data.num_workers 1"):
+    dm.setup("validate")
+    assert Counter(_keys(dm.val_dataloader())) == Counter(_keys_of_shards(0))
+
+
+def test_one_val_shard_on_two_ranks_of_two_workers_in_process(data):
+    seen = []
+    for rank in (0, 1):
+        dm = _module(data, val_shards=data["train"][3], num_workers=2, batch_size=3)
+        dm.world_size, dm.rank = 2, rank
         dm.setup("validate")
+        seen.append(_keys(dm.val_dataloader()))
+    # shard 3 holds s0024..s0031; rank r keeps positions r, r + 2, ...
+    assert sorted(seen[0]) == ["s0024", "s0026", "s0028", "s0030"]
+    assert sorted(seen[1]) == ["s0025", "s0027", "s0029", "s0031"]
+
+
+def test_finite_split_hand_worked():
+    # 1 shard, 2 ranks x 2 workers: rank 1 keeps positions 1, 3, 5, ...; its two workers every other of those
+    assert finite_split(["a"], 2, 1, 2, 0) == [ShardPiece("a", 4, 1)]  # 1, 5, 9, ...
+    assert finite_split(["a"], 2, 1, 2, 1) == [ShardPiece("a", 4, 3)]  # 3, 7, 11, ...
+    # 2 shards: one per rank, its samples split between the rank's workers
+    assert finite_split(["a", "b"], 2, 1, 2, 1) == [ShardPiece("b", 2, 1)]
+    # 3 shards, 4 readers: shard a is shared by readers 0 and 3, b and c are read whole
+    assert [finite_split(list("abc"), 4, r) for r in range(4)] == [
+        [ShardPiece("a", 2, 0)], [ShardPiece("b")], [ShardPiece("c")], [ShardPiece("a", 2, 1)]]
+    # enough shards: whole shards, round robin by rank, then by worker
+    assert finite_split(list("abcdefgh"), 2, 1, 2, 0) == [ShardPiece("b"), ShardPiece("f")]
+    assert finite_split(list("abcdefgh"), 2, 1, 0, 0) == [ShardPiece(u) for u in "bdfh"]  # 0 workers: one reader
+
+
+@pytest.mark.parametrize("counts, world, workers", [
+    ([9], 2, 2), ([8, 5], 2, 2), ([3, 1, 4], 4, 1), ([8] * 4, 2, 2), ([7, 2], 3, 3), ([5] * 5, 2, 2),
+    ([6, 6, 6], 2, 4), ([1], 1, 1), ([10], 8, 0)])
+def test_finite_split_reads_every_sample_exactly_once(counts, world, workers):
+    shards = [f"s{i}.tar" for i in range(len(counts))]
+    every = Counter((url, position) for url, n in zip(shards, counts) for position in range(n))
+    read = Counter()
+    for rank in range(world):
+        for worker in range(max(1, workers)):
+            for piece in finite_split(shards, world, rank, workers, worker):
+                n = counts[shards.index(piece.url)]
+                read.update((piece.url, p) for p in range(n) if p % piece.stride == piece.offset)
+    assert read == every
+
+
+def _index_set(root: Path, prefix: str, sizes: list[int]) -> str:
+    """A shard set written by the project's writer (with its index): shard i holds sizes[i] samples."""
+    with ShardWriter(str(root), prefix, max_count=max(sizes), shard_sizes=sizes) as writer:
+        for i in range(sum(sizes)):
+            writer.write({"__key__": f"{prefix}{i:04d}", "jpg": _jpeg(i), "cls": str(i % 5).encode()})
+    return str(root / f"{prefix}-*.tar")
+
+
+def test_a_rank_without_a_validation_sample_is_refused_before_training(tmp_path):
+    spec = _index_set(tmp_path, "tiny", [1])
+    dm = _module({"spec": spec}, val_shards=spec, num_workers=2)
+    dm.world_size, dm.rank = 2, 0
+    with pytest.raises(ValueError, match=r"1 sample\(s\) in 1 shard\(s\).*rank\(s\) \[1\] of 2.*fewer ranks"):
+        dm.setup("validate")
+    dm.world_size = 1  # one rank: the single sample is enough
+    dm.setup("validate")
+    assert _keys(dm.val_dataloader()) == ["tiny0000"]
+
+
+def test_a_rank_without_a_sample_fails_at_validation_when_there_is_no_index(tmp_path):
+    spec = _index_set(tmp_path, "tiny", [1])
+    (tmp_path / "tiny-index.json").unlink()
+    dm = _module({"spec": spec}, val_shards=spec, num_workers=2)
+    dm.world_size, dm.rank = 2, 1
+    dm.setup("validate")  # without an index the sample count is unknown here
+    with pytest.raises(RuntimeError, match="rank 1 of 2 no sample"):
+        list(dm.val_dataloader())
+
+
+def test_an_empty_validation_set_is_an_error(tmp_path):
+    with tarfile.open(tmp_path / "empty-000000.tar", "w"):
+        pass
+    stream = FiniteShardStream([str(tmp_path / "empty-000000.tar")], eval_transform(SIZE), 4)
+    with pytest.raises(RuntimeError, match="this process no sample.*empty-000000.tar"):
+        list(ShardLoader(stream, num_workers=0))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -360,6 +446,20 @@ def test_state_dict_round_trip(data):
     assert len(list(loader)) == 2
 
 
+def test_position_comes_from_training_position_and_its_absence_during_training_warns(data):
+    dm = _module(data, batches_per_epoch=5)
+    dm.setup("fit")
+    dm.train_dataloader().set_epoch(2)
+    dm.training_position = lambda: (2, 3)
+    assert (dm.state_dict()["epoch"], dm.state_dict()["batches_done"]) == (2, 3)
+    dm.training_position = None
+    dm.trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
+    dm.trainer.training = True  # a save inside fit, with nobody to say how far the epoch got
+    with pytest.warns(UserWarning, match="training_position is not set.*DataPosition"):
+        state = dm.state_dict()
+    assert (state["epoch"], state["batches_done"]) == (2, 0)
+
+
 def test_resume_with_another_layout_warns_and_restarts_the_epoch(data):
     dm = _module(data, batches_per_epoch=2)
     dm.setup("fit")
@@ -418,7 +518,7 @@ def _fit(data, tmp_path, epochs, ckpt_path=None, callbacks=()):
     trainer = L.Trainer(
         accelerator="cpu", devices=1, max_epochs=epochs, logger=False, enable_progress_bar=False,
         enable_model_summary=False, num_sanity_val_steps=0, enable_checkpointing=bool(callbacks),
-        callbacks=list(callbacks), default_root_dir=tmp_path,
+        callbacks=[DataPosition(), *callbacks], default_root_dir=tmp_path,
     )
     trainer.fit(model, datamodule=dm, ckpt_path=ckpt_path)
     return model
@@ -451,6 +551,7 @@ def test_lightning_mid_epoch_resume_reads_the_batches_an_uninterrupted_run_reads
         model = _Recorder()
         callbacks = [ModelCheckpoint(dirpath=tmp_path / "mid", every_n_train_steps=every, save_top_k=-1,
                                      filename="{step}")] if every else []
+        callbacks.append(DataPosition())  # hands Lightning's loop position to the datamodule
         trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=steps, logger=False, enable_progress_bar=False,
                             enable_model_summary=False, num_sanity_val_steps=0, callbacks=callbacks,
                             enable_checkpointing=bool(every), default_root_dir=tmp_path)
@@ -462,6 +563,101 @@ def test_lightning_mid_epoch_resume_reads_the_batches_an_uninterrupted_run_reads
     fit(8, every=1)  # a checkpoint after every step
     for step in (3, 5, 6):  # mid epoch 0, the last batch of epoch 0, mid epoch 1
         assert fit(8, ckpt_path=str(tmp_path / "mid" / f"step={step}.ckpt")) == uninterrupted[step * 4:], step
+
+
+DDP_SCRIPT = r'''
+"""Fit one epoch under 2-process DDP (gloo, CPU) per validation set; each rank writes what its val loader gave."""
+import json
+import sys
+
+import lightning as L
+import torch
+
+from datamodules.sharded import DataConfig, ShardedDataModule
+from datamodules.transforms import eval_transform, mae_train_transform
+
+
+class Recorder(L.LightningModule):
+    def __init__(self):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(1))
+        # DDP broadcasts buffers in the first forward after training steps: a collective every rank must join.
+        self.register_buffer("calls", torch.zeros(1))
+        self.val_keys, self.val_batches = [], 0
+
+    def forward(self, images):
+        self.calls += 1
+        return self.weight * images.mean()
+
+    def training_step(self, batch, batch_idx):
+        return self(batch["image"]).sum()
+
+    def validation_step(self, batch, batch_idx):
+        self.val_keys.extend(batch["key"])
+        self.val_batches += 1
+        n = len(batch["key"])
+        # Reduced over the ranks at the end of validation, as the trainers' val/loss is.
+        self.log("val/loss", self(batch["image"]).sum(), sync_dist=True, batch_size=n)
+        self.log("val/samples", float(n), reduce_fx="sum", sync_dist=True, batch_size=n)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+if __name__ == "__main__":
+    out, train, configs = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+    for name, val in configs.items():
+        cfg = DataConfig(train_shards=train, val_shards=val, batch_size=2, num_workers=2, image_size=8,
+                         batches_per_epoch=2, shuffle_buffer=0)
+        dm = ShardedDataModule(cfg, mae_train_transform(8), eval_transform(8))
+        model = Recorder()
+        trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp", max_epochs=1, num_sanity_val_steps=0,
+                            logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                            enable_model_summary=False, default_root_dir=out)
+        trainer.fit(model, datamodule=dm)
+        report = {"keys": model.val_keys, "batches": model.val_batches,
+                  "samples_logged": trainer.callback_metrics["val/samples"].item()}
+        with open(f"{out}/{name}-rank{trainer.global_rank}.json", "w") as f:
+            json.dump(report, f)
+'''
+
+
+@pytest.fixture(scope="module")
+def ddp_validation(data, tmp_path_factory):
+    """Each rank's validation keys from real 2-rank x 2-worker DDP fits: one val shard of 9 samples, and two
+    val shards of 8 and 5 samples."""
+    root = tmp_path_factory.mktemp("ddp_val")
+    sets = {"one": _index_set(root, "one", [9]), "two": _index_set(root, "two", [8, 5])}
+    (root / "fit.py").write_text(DDP_SCRIPT)
+    root_dir = str(Path(__file__).resolve().parents[2])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([root_dir, os.environ.get("PYTHONPATH", "")]),
+           "CUDA_VISIBLE_DEVICES": ""}
+    proc = subprocess.run([sys.executable, str(root / "fit.py"), str(root), data["spec"], json.dumps(sets)],
+                          cwd=root_dir, env=env, capture_output=True, text=True, timeout=420)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    return {name: {rank: json.loads((root / f"{name}-rank{rank}.json").read_text()) for rank in (0, 1)}
+            for name in sets}
+
+
+def test_ddp_one_val_shard_on_two_ranks_of_two_workers_evaluates_every_sample_once(ddp_validation):
+    ranks = ddp_validation["one"]
+    everything = Counter(f"one{i:04d}" for i in range(9))
+    assert Counter(ranks[0]["keys"] + ranks[1]["keys"]) == everything
+    # rank r keeps positions r, r + 2, ...; each of its workers every other one of those
+    assert sorted(ranks[0]["keys"]) == [f"one{i:04d}" for i in (0, 2, 4, 6, 8)]
+    # positions 0, 4, 8 -> batches of 2 + 1, positions 2, 6 -> one batch: 3 batches on rank 0; rank 1 reads
+    # 1, 5 and 3, 7: 2 batches. Uneven batch counts do not stall the epoch-end reductions.
+    assert (ranks[0]["batches"], ranks[1]["batches"]) == (3, 2)
+    assert ranks[0]["samples_logged"] == ranks[1]["samples_logged"] == 9
+
+
+def test_ddp_two_val_shards_on_two_ranks_of_two_workers_evaluate_every_sample_once(ddp_validation):
+    ranks = ddp_validation["two"]
+    assert Counter(ranks[0]["keys"] + ranks[1]["keys"]) == Counter(f"two{i:04d}" for i in range(13))
+    # one shard per rank (8 and 5 samples), its samples split between the rank's two workers
+    assert sorted(ranks[0]["keys"]) == [f"two{i:04d}" for i in range(8)]
+    assert (ranks[0]["batches"], ranks[1]["batches"]) == (4, 3)  # 4 + 4 samples; 3 + 2 samples, batches of 2
+    assert ranks[0]["samples_logged"] == ranks[1]["samples_logged"] == 13
 
 
 def test_lightning_fit_without_val_shards(data, tmp_path):

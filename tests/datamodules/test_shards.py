@@ -5,7 +5,7 @@ import os
 import fsspec
 import pytest
 
-from datamodules.shards import ShardSpecError, check_finite_shards, expand_shards
+from datamodules.shards import ShardSpecError, expand_shards
 
 
 @pytest.fixture
@@ -112,21 +112,3 @@ def test_relative_paths_work(shard_dir, monkeypatch):
     monkeypatch.chdir(shard_dir)
     assert expand_shards("val") == [os.path.join("val", "val-000000.tar"), os.path.join("val", "val-000001.tar")]
 
-
-@pytest.mark.parametrize("num_shards, world, workers", [(8, 2, 4), (4, 2, 2), (2, 2, 0), (3, 1, 3)])
-def test_finite_shards_enough(num_shards, world, workers):
-    check_finite_shards(num_shards, world, workers, "val_shards")
-
-
-def test_finite_shards_too_few_suggests_a_worker_count():
-    # 4 shards, 2 ranks x 4 workers = 8 readers; 4 // 2 = 2 workers per rank would work.
-    with pytest.raises(ValueError) as info:
-        check_finite_shards(4, 2, 4, "val_shards")
-    message = str(info.value)
-    assert "val_shards" in message and "4 shard(s)" in message and "8 readers" in message
-    assert "--data.num_workers 2" in message
-
-
-def test_finite_shards_fewer_than_ranks():
-    with pytest.raises(ValueError, match="fewer shards than ranks"):
-        check_finite_shards(1, 2, 0, "val_shards")

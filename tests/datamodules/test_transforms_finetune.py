@@ -1,4 +1,5 @@
-"""Fine-tuning and linear-probe transforms (MAE main_finetune.py / main_linprobe.py; methods.md §1.3, §1.4)."""
+"""Fine-tuning and linear-probe transforms (facebookresearch/mae util/datasets.py:build_transform, which
+main_finetune.py uses, and the transforms in main_linprobe.py:main)."""
 
 import pickle
 

@@ -1,5 +1,6 @@
-"""Boundary IoU: widths, boundary bands and pairwise BIoU against hand-worked values (methods.md §10.2) and two
-independent formulations (OpenCV erosion as in boundary-iou-api; scipy's chessboard distance transform)."""
+"""Boundary IoU: widths, boundary bands and pairwise BIoU against values worked by hand from the definition in
+bowenc0221/boundary-iou-api boundary_iou/utils/boundary_utils.py:mask_to_boundary, and two independent formulations
+(OpenCV erosion as in boundary-iou-api; scipy's chessboard distance transform)."""
 
 import io
 import math
@@ -20,13 +21,15 @@ from evaluation.boundary import BoundaryIoU, boundary_iou, boundary_width, mask_
 # ---------------------------------------------------------------- independent references (never our code)
 
 def _d(h, w, ratio):
-    # methods.md §10.1 step 1, used only to feed the references
+    # d as bowenc0221/boundary-iou-api boundary_iou/utils/boundary_utils.py:mask_to_boundary computes it, used only
+    # to feed the references
     return max(int(round(ratio * np.sqrt(h ** 2 + w ** 2))), 1)
 
 
 def opencv_boundary(mask, ratio):
     """boundary-iou-api boundary_utils.py formulation: pad 1 px of zeros, cv2.erode 3x3 ones d times, crop,
-    subtract. OpenCV needs uint8 or float (methods.md §10.2), so other dtypes go through uint8 and back."""
+    subtract. OpenCV needs uint8 or float (found by running cv2.erode: bool, int32 and int64 raise cv2.error), so
+    other dtypes go through uint8 and back."""
     h, w = mask.shape
     src = mask if mask.dtype in (np.uint8, np.float32, np.float64) else (mask != 0).astype(np.uint8)
     padded = cv2.copyMakeBorder(src, 1, 1, 1, 1, cv2.BORDER_CONSTANT, value=0)
@@ -36,8 +39,9 @@ def opencv_boundary(mask, ratio):
 
 
 def chessboard_boundary(mask, ratio):
-    """Closed form (methods.md §10.2): mask pixels within chessboard distance d of a non-mask pixel, the
-    outside of the image counting as non-mask. Boolean result."""
+    """Closed form of that erosion (the two agree in test_random_masks_match_opencv_and_chessboard): mask pixels
+    within chessboard distance d of a non-mask pixel, the outside of the image counting as non-mask. Boolean
+    result."""
     h, w = mask.shape
     fg = np.pad(mask != 0, 1)
     dist = ndimage.distance_transform_cdt(fg, metric="chessboard")[1:-1, 1:-1]
@@ -80,10 +84,10 @@ def test_width_table(h, w, expected):
 
 
 def test_width_all_exact_half_sizes():
-    # Every H, W < 400 whose diagonal c is an integer with c/50 ending in .5: methods.md counts 56 of them, and
-    # round-half-to-even of c/50 is c//50 when that is even, else c//50 + 1 (clamped to 1). floor(x + 0.5)
-    # rounds every one of them up, so it is wrong exactly where c//50 is even and nonzero (methods.md's "every
-    # one of them wrong" overstates it: 21x72 -> 1.5 -> 2 either way).
+    # Every H, W < 400 whose diagonal c is an integer with c/50 ending in .5: there are 56 of them (the assertion
+    # below counts them), and round-half-to-even of c/50 is c//50 when that is even, else c//50 + 1 (clamped to 1).
+    # floor(x + 0.5) rounds every one of them up, so it is wrong exactly where c//50 is even and nonzero, not on
+    # all 56 of them (21x72 -> 1.5 -> 2 either way).
     sizes = [(h, w) for h in range(1, 400) for w in range(1, 400)
              if math.isqrt(h * h + w * w) ** 2 == h * h + w * w and math.isqrt(h * h + w * w) % 50 == 25]
     assert len(sizes) == 56
@@ -253,7 +257,7 @@ def test_boundary_iou_shifted_squares(ratio, expected):
 
 
 def test_boundary_iou_offset_3x3_squares():
-    # methods.md §10.3 squares on 10x10 (d = 1): 3x3 rings of 8 px, overlap {(3,4), (4,3)}: 2 / 14
+    # 3x3 squares offset by (1, 1) on 10x10 (d = 1), worked by hand: 3x3 rings of 8 px, overlap {(3,4), (4,3)}: 2 / 14
     g, p = rect(10, 10, (2, 4), (2, 4)), rect(10, 10, (3, 5), (3, 5))
     assert boundary_iou(g, p) == pytest.approx(2 / 14)
     assert boundary_iou(g * 255, p.astype(bool)) == pytest.approx(2 / 14)  # binarised with != 0

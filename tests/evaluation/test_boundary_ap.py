@@ -1,5 +1,6 @@
-"""COCO Boundary AP on tiny hand-made datasets: IoUs and AP values worked out by hand (methods.md §10.3), and
-IoU matrices against an independent OpenCV + pycocotools formulation of boundary-iou-api's computeBoundaryIoU."""
+"""COCO Boundary AP on tiny hand-made datasets: IoUs and AP values worked out by hand from the rules of
+bowenc0221/boundary-iou-api boundary_iou/coco_instance_api/cocoeval.py:COCOeval.computeBoundaryIoU, and IoU
+matrices against an independent OpenCV + pycocotools formulation of that computeBoundaryIoU."""
 
 import copy
 import io
@@ -153,8 +154,8 @@ def test_boundary_ap_default_ratio_misses_the_shift():
 # ---------------------------------------------------------------- crowd ground truth keeps the mask IoU
 
 def test_crowd_keeps_mask_iou_pycocotools_squares():
-    # methods.md §10.3: 3x3 squares offset by (1, 1) on 10x10: mask IoU 4/14, crowd (|∩|/|DT|) 4/9;
-    # boundaries (d = 1) are the 8-px rings, sharing (3, 4) and (4, 3): 2/14.
+    # worked by hand with pycocotools' conventions: 3x3 squares offset by (1, 1) on 10x10: mask IoU 4/14, crowd
+    # (|∩|/|DT|) 4/9; boundaries (d = 1) are the 8-px rings, sharing (3, 4) and (4, 3): 2/14.
     g, d = rect(10, 10, (2, 4), (2, 4)), rect(10, 10, (3, 5), (3, 5))
     gt = make_coco({1: (10, 10)}, [gt_ann(1, 1, g), gt_ann(2, 1, g, iscrowd=1, segmentation=uncompressed_rle(g))])
     e = evaluated(gt, [det(1, d, 0.9)])

@@ -1,4 +1,5 @@
-"""ImageNet-C-bar corruptions against methods.md §11.2 and hand-worked pixels of the reference formulas.
+"""ImageNet-C-bar corruptions against the published severity magnitudes and hand-worked pixels of the reference
+formulas.
 
 Reference: facebookresearch/augmentation-corruption imagenet_c_bar/corrupt.py (per-pixel kernels) and
 imagenet_c_bar/imagenet_c_bar.csv (magnitudes). Expected values below are worked out from those formulas
@@ -16,7 +17,8 @@ from evaluation.corruptions import IMAGENET_C_BAR, get_corruption, names
 from evaluation.corruptions._noise import PerlinNoise2D, caustic_noise, fourier_noise
 from evaluation.corruptions.imagenet_c_bar import MAGNITUDES, float_parameter, int_parameter, magnitude
 
-# methods.md §11.2, "ImageNet-C-bar corruptions and severity magnitudes"
+# The five magnitudes of each corruption, as listed in facebookresearch/augmentation-corruption
+# imagenet_c_bar/imagenet_c_bar.csv
 TABLE = {
     "caustic_refraction": (2.35, 3.2, 4.9, 6.6, 9.15),
     "inverse_sparkles": (1, 2, 4, 9, 10),

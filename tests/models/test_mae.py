@@ -229,8 +229,15 @@ def test_init_stats():
     check_xavier(model.encoder.patch_embed.proj.weight, 3 * p * p, d)  # as the (out, in*p*p) view
     assert model.encoder.cls_token.std().item() == pytest.approx(0.02, rel=0.25)
     assert model.mask_token.std().item() == pytest.approx(0.02, rel=0.25)
+    # facebookresearch/mae models_mae.py:initialize_weights leaves the patch conv's bias at nn.Conv2d's default,
+    # uniform(-1/sqrt(fan_in), 1/sqrt(fan_in)) with fan_in = in_chans * p * p
+    # (pytorch/pytorch torch/nn/modules/conv.py:_ConvNd.reset_parameters)
+    bias, bound = model.encoder.patch_embed.proj.bias, 1 / math.sqrt(3 * p * p)
+    assert bias.abs().max().item() <= bound
+    assert bias.abs().max().item() > 0.9 * bound  # 384 draws: all below 0.9 * bound has probability 0.9^384
+    assert bias.std().item() == pytest.approx(bound / math.sqrt(3), rel=0.1)
     for name, param in model.named_parameters():
-        if name.endswith("bias"):
+        if name.endswith("bias") and name != "encoder.patch_embed.proj.bias":
             assert torch.count_nonzero(param) == 0, name
         if "norm" in name and name.endswith("weight"):
             assert torch.all(param == 1), name

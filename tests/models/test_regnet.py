@@ -6,13 +6,13 @@ import pytest
 import timm
 import torch
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
 
 import models
 from models.regnet import RegNet, RegNetConfig
+from tests.models.flop_count import counted_flops
 
-# ours -> timm's name for the same pycls config; params with a 1000-class head from pycls dev/model_complexity.json
-# (methods.md §5.2, §3.3)
+# ours -> timm's name for the same pycls config; params with a 1000-class head from facebookresearch/pycls
+# dev/model_complexity.json (configs/dds_baselines/regnety/RegNetY-*_dds_8gpu.yaml)
 TIMM = {"regnety_200mf": "regnety_002", "regnety_400mf": "regnety_004", "regnety_4gf": "regnety_040",
         "regnety_16gf": "regnety_160", "regnety_32gf": "regnety_320", "regnety_128gf": "regnety_1280"}
 PARAMS = {"regnety_200mf": 3_162_996, "regnety_400mf": 4_344_144, "regnety_4gf": 20_646_656,
@@ -42,13 +42,12 @@ def test_same_network_as_timm_and_pycls(name):
 
 def test_complexity_agrees_with_torch_flop_counter():
     model = models.create("regnety_200mf", img_size=64, num_classes=10).eval()
-    with FlopCounterMode(display=False) as counter, torch.no_grad():
-        model(torch.randn(1, 3, 64, 64))
-    assert model.complexity().flops == counter.get_total_flops()
+    assert model.complexity().flops == counted_flops(model, torch.randn(1, 3, 64, 64))
 
 
 def test_complexity_acts_are_pycls_acts():
-    # our convention keeps pycls's activation count (methods.md §5.2: RegNetY-200MF 2,168,052 at 224, 1000 classes)
+    # our convention keeps pycls's activation count: facebookresearch/pycls dev/model_complexity.json gives
+    # RegNetY-200MF_dds_8gpu 2,168,052 at 224 px with 1000 classes
     assert models.create("regnety_200mf", num_classes=1000).complexity().activations == 2_168_052
 
 

@@ -1,4 +1,5 @@
-"""Fast compound scaling: factors (methods.md §5.1 table), discretisation by hand, growth of flops and activations."""
+"""Fast compound scaling (Dollár et al. 2021; facebookresearch/pycls pycls/models/scaler.py): factors and
+discretisation worked by hand, growth of flops and activations."""
 
 import pytest
 import torch
@@ -9,7 +10,8 @@ from models.regnet import RegNet, RegNetConfig
 from models.scaling import alpha_factors, scale_regnet, scale_vit, scaled_size, scaling_factors
 from models.vitc import _config as vit_config
 
-# methods.md §5.1: "d1_w8_g8_r1" multipliers
+# pycls/models/scaler.py:scaling_factors("d1_w8_g8_r1", s): the d, w, r weights sum to 10, so d = s^(1/10),
+# w = g = s^(8/10/2) = s^0.4, r = s^(1/10/2) = s^0.05, worked out to 4 decimals
 TABLE = [(2, 1.0718, 1.3195, 1.0353), (4, 1.1487, 1.7411, 1.0718), (16, 1.3195, 3.0314, 1.1487)]
 
 
@@ -60,7 +62,8 @@ def test_image_size_rounding():
     assert scaled_size(224, 4**0.05, multiple=16) == 240  # 15.005 -> 15 patches
 
 
-REGNETY_4GF = RegNetConfig(num_classes=1000)  # defaults: d 22, w0 96, wa 31.41, wm 2.24, g 64 (methods.md §5.2)
+# defaults: d 22, w0 96, wa 31.41, wm 2.24, g 64 (pycls configs/dds_baselines/regnety/RegNetY-4.0GF_dds_8gpu.yaml)
+REGNETY_4GF = RegNetConfig(num_classes=1000)
 
 
 def test_regnety_4gf_scaled_by_4_by_hand():
@@ -80,7 +83,8 @@ def test_regnety_4gf_scaled_by_4_grows_flops_by_s_and_acts_by_s_to_the_0_6():
     base = anynet_complexity(REGNETY_4GF.stages())
     scaled_cfg = scale_regnet(REGNETY_4GF, 4.0)
     scaled = anynet_complexity(scaled_cfg.stages(), img_size=scaled_cfg.img_size)
-    # methods.md §5.1/§5.2: flops x s (up to discretisation), acts x s^(1 - alpha/2) = 4^0.6 = 2.30
+    # flops ~ d w^2 r^2 = s (up to discretisation); acts ~ d w r^2 = s^(0.1 + 0.4 + 0.1) = 4^0.6 = 2.30, the
+    # s^(1 - alpha/2) of fast scaling with alpha = 0.8 (Dollár et al. 2021)
     assert scaled.flops / base.flops == pytest.approx(4.0, rel=0.10)
     assert scaled.acts / base.acts == pytest.approx(4**0.6, rel=0.10)
     assert scaled.params / base.params == pytest.approx(4**0.9, rel=0.10)  # params x s^((1 + alpha)/2)

@@ -1,4 +1,5 @@
-"""ViT_C: conv stem structure, token order, init, config errors, registered pairs, complexity (methods.md §4)."""
+"""ViT_C (Xiao et al. 2021; facebookresearch/pycls): conv stem structure, token order, init, config errors,
+registered pairs, complexity."""
 
 import math
 
@@ -6,14 +7,15 @@ import pytest
 import timm
 import torch
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
 
 import models
+from models.conv_stem import ConvStem
 from models.pycls_complexity import vit_complexity_pycls
 from models.vit import VisionTransformer, ViTConfig
-from models.vitc import ConvStem
+from tests.models.flop_count import counted_flops
 
-# methods.md §4.1 table: name -> (d, patchify depth, heads, mlp, stem strides, stem dims)
+# facebookresearch/pycls branch vitconfigs configs/vitconv_baselines/vit/ViT-{P,C}-*GF_adamw_*.yaml:
+# name -> (d, patchify depth, heads, mlp, stem strides, stem dims)
 S5, S7 = (2, 2, 2, 2, 1), (2, 2, 1, 2, 1, 2, 1)
 TABLE = {
     "1gf": (192, 12, 3, 576, S5, (24, 48, 96, 192, 192)),
@@ -101,7 +103,7 @@ def test_conv_stem_init(scheme):
     model = models.create("vitc_4gf", img_size=32, depth=1)
     model.init_weights(scheme)
     convs = model.patch_embed.convs
-    for conv in convs[:-1]:  # methods.md §4.1: 3x3 normal(sqrt(2 / out_channels))
+    for conv in convs[:-1]:  # pycls/models/vit.py:init_weights_vit: 3x3 normal(sqrt(2 / out_channels))
         assert conv.weight.std().item() == pytest.approx(math.sqrt(2 / conv.out_channels), rel=0.05)
     last = convs[-1]  # 1x1 normal(sqrt(1 / out_channels)), zero bias
     assert last.weight.std().item() == pytest.approx(math.sqrt(1 / 384), rel=0.05)
@@ -120,10 +122,8 @@ def test_trains_and_evaluates():
 
 def test_complexity_agrees_with_torch_flop_counter_and_numel():
     model = _tiny(num_classes=10).eval()
-    with FlopCounterMode(display=False) as counter, torch.no_grad():
-        model(torch.randn(1, 3, 32, 32))
     cx = model.complexity()
-    assert cx.flops == counter.get_total_flops()
+    assert cx.flops == counted_flops(model, torch.randn(1, 3, 32, 32))
     assert cx.params == sum(p.numel() for p in model.parameters())
 
 
@@ -142,7 +142,8 @@ def test_conv_stem_complexity_by_hand():
 
 @pytest.mark.parametrize("size", list(TABLE))
 def test_vitc_flops_close_to_its_patchify_twin(size):
-    # methods.md §4.1: ViT_C drops a block so that FLOPs match (e.g. 3.966 vs 3.909 GF); within 3% in the table
+    # Xiao et al. 2021 drop one block from ViT_C so that FLOPs match its ViT_P twin; pycls/models/vit.py:ViT.complexity
+    # puts every vitconfigs pair within 3% (4GF: 3.966 vs 3.909 GF, 36GF: 35.026 vs 35.997)
     with torch.device("meta"):
         c, p = models.create(f"vitc_{size}"), models.create(f"vitp_{size}")
     assert c.complexity().flops == pytest.approx(p.complexity().flops, rel=0.03)

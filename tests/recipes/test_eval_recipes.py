@@ -12,7 +12,7 @@ from safetensors.torch import save_file
 import models
 from datamodules import IMAGENET_MEAN, IMAGENET_STD
 from evaluation.robustness import RobustnessResult
-from recipes.eval_model import EvalModelConfig, load_eval_model
+from trainers.eval_model import EvalModelConfig, load_eval_model
 
 TINY = ["--data.image_size", "32", "--data.eval_images", "12", "--model.head_fit_images", "40",
         "--model.batch_size", "16", "--data.num_workers", "1"]  # one corruption process: the pool path
@@ -74,7 +74,7 @@ def test_a_checkpoint_with_a_head_is_used_as_it_is(tmp_path):
     torch.nn.init.normal_(network.head.weight)  # a head that is not the init
     save_file(network.state_dict(), str(tmp_path / "model.safetensors"))
     loaded = load_eval_model(str(tmp_path / "model.safetensors"), EvalModelConfig(name="vit_tiny_patch8",
-                                                                                   device="cpu"), 3, 32, [])
+                                                                                   device="cpu"), 3, 32, None)
     images = np.random.default_rng(0).integers(0, 256, (2, 32, 32, 3), dtype=np.uint8)
     x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255
     x = (x - torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)) / torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)

@@ -14,7 +14,8 @@ from safetensors.torch import load_file
 
 from datamodules import make_shards
 from recipes.cli import parse_config
-from recipes.finetune import ClassificationDataConfig, Config, prepare_data
+from datamodules.classification import ClassificationDataConfig, prepare_data
+from recipes.finetune import Config
 
 CONFIGS = Path(__file__).resolve().parents[2] / "recipes" / "configs"
 STEPS_PER_EPOCH = 1281167 // 1024  # IN-1k at batch 1024: 1251
@@ -27,7 +28,7 @@ def summary(stdout: str) -> dict[str, str]:
 
 
 @pytest.mark.parametrize("size, model, blr, decay, epochs, drop_path", [
-    ("base", "vit_base_patch16", 5e-4, 0.65, 100, 0.1),   # methods.md 1.3, FINETUNE.md
+    ("base", "vit_base_patch16", 5e-4, 0.65, 100, 0.1),   # facebookresearch/mae FINETUNE.md
     ("large", "vit_large_patch16", 1e-3, 0.75, 50, 0.2),
     ("huge", "vit_huge_patch14", 1e-3, 0.75, 50, 0.3),
 ])
@@ -43,7 +44,7 @@ def test_shipped_configs_have_mae_finetuning_numbers(size, model, blr, decay, ep
     aug = cfg.augment
     assert (aug.rand_augment, aug.reprob, aug.mixup, aug.cutmix, aug.switch_prob, aug.smoothing) == \
         ("rand-m9-mstd0.5-inc1", 0.25, 0.8, 1.0, 0.5, 0.1)
-    if size == "base":  # methods.md 1.6 (7): 5e-4 * 1024 / 256 = 2e-3
+    if size == "base":  # facebookresearch/mae FINETUNE.md's blr and batch, worked by hand: 5e-4 * 1024 / 256 = 2e-3
         assert cfg.optim.blr * eff / 256 == pytest.approx(2e-3)
 
 

@@ -79,7 +79,8 @@ def test_linear_probe_of_the_finetune_run(finetuned, run_recipe_module, shards, 
     assert "keys under 'model.'" in log and "pos_embed: resized from the 6x6 to the 4x4 grid" in log
     assert "dropped the source's head.bias [3], head.weight [3, 192] (the model has none)" in log
     assert "norm: new LayerNorm" in log
-    # methods.md 1.4 at this batch: lr = 0.1 * 4 / 256
+    # blr 0.1 and lr = blr * batch / 256 (facebookresearch/mae FINETUNE.md "Linear Probing"); at this batch:
+    # lr = 0.1 * 4 / 256
     assert re.search(r"lr 1\.563e-03 = blr 1\.000e-01 x 4 / 256, LARS momentum 0\.9", log)
     out = summary(proc.stdout)
     assert set(out) == {"run_dir", "checkpoint", "model", "top1", "top5", "wandb"}
@@ -101,7 +102,8 @@ def test_shipped_config_is_the_mae_linear_probe():
     cfg, _ = parse_config(Config, ["--config", str(ROOT / "recipes/configs/linear_probe_vit_base_in1k.yaml")])
     eff = cfg.data.batch_size * cfg.trainer.devices * cfg.trainer.num_nodes
     steps = 1281167 // 16384  # 78 per epoch
-    assert eff == 16384 and cfg.optim.blr * eff / 256 == pytest.approx(6.4)  # methods.md 1.6 (7)
+    # facebookresearch/mae FINETUNE.md "Linear Probing" batch and blr, worked by hand: 0.1 * 16384 / 256 = 6.4
+    assert eff == 16384 and cfg.optim.blr * eff / 256 == pytest.approx(6.4)
     assert (cfg.optim.weight_decay, cfg.optim.momentum, cfg.optim.trust_coefficient) == (0.0, 0.9, 0.001)
     assert cfg.trainer.max_steps == 90 * steps and cfg.optim.warmup_steps == 10 * steps
     assert (cfg.model.name, cfg.model.global_pool) == ("vit_base_patch16", "token")

@@ -1,7 +1,7 @@
 """A real single-node SLURM on localhost for the ``slurm``-marked tests, and a helper that submits recipes to it.
 
-The setup follows references/environment.md §5.2: Debian's slurmctld/slurmd/slurm-client/munge packages,
-munged running as the munge user, and a slurm.conf of our own (linuxproc/none plugins: no cgroups here)
+The setup was worked out and tried here (Debian 12, Slurm 22.05.8): Debian's slurmctld/slurmd/slurm-client/munge
+packages, munged running as the munge user, and a slurm.conf of our own (linuxproc/none plugins: no cgroups here)
 passed to every daemon and client through SLURM_CONF. Its files live in one fixed directory (default
 /tmp/prism-slurm-test, or $PRISM_SLURM_DIR) so that a session which crashed can be cleaned up by the next
 one through the pid files the daemons wrote there. munged and the packages stay after the session.

@@ -62,8 +62,11 @@ def test_gpu_dry_run_asks_for_one_task_per_gpu_and_tells_the_recipe_the_same(tmp
     argv = srun_argv(out)
     assert argv[:3] == ["exec", "srun", "--kill-on-bad-exit=1"]
     assert argv[4:6] == ["-m", RECIPE]
-    assert argv[6:10] == ["--run_dir", "runs/big", "--optim.blr", "1.5e-4"]  # the user's flags, unchanged
+    assert argv[6:8] == ["--optim.blr", "1.5e-4"]  # the user's other flags, unchanged
+    # the user's relative --run_dir is replaced by the absolute path, not repeated before it
+    assert [arg for arg in argv if arg.startswith("--run_dir")] == ["--run_dir"]
     assert last_value(argv, "--run_dir") == str(run_dir)
+    assert "runs/big" not in argv
     assert last_value(argv, "--trainer.num_nodes") == "4"
     assert last_value(argv, "--trainer.devices") == "8"
     assert last_value(argv, "--trainer.accelerator") == "gpu"
@@ -92,6 +95,20 @@ def test_cpu_job_runs_the_asked_processes_per_node_without_gpu_lines(tmp_path):
     assert (last_value(argv, "--trainer.num_nodes"), last_value(argv, "--trainer.devices"),
             last_value(argv, "--trainer.accelerator"), last_value(argv, "--seed")) == ("2", "3", "cpu", "3")
     bash_syntax_ok(script, tmp_path)
+
+
+@pytest.mark.parametrize("given", [["--run_dir", "rel/run"], ["--run_dir=rel/run"],
+                                   ["--run_dir", "rel/old", "--run_dir=rel/run"]])
+def test_the_srun_line_passes_one_absolute_run_dir_whatever_form_the_user_gave(tmp_path, given):
+    opts = SubmitOptions(recipe="mae_prepretrain", time="10", gpus_per_node=2)
+    run_dir = tmp_path / "rel" / "run"  # what main() resolves the last --run_dir to, from tmp_path
+    argv = srun_argv(build_script(opts, [*given, "--seed", "3", "--data.val_shards", "v/run_dir-*.tar"],
+                                  run_dir, tmp_path))
+    assert [arg for arg in argv if arg.startswith("--run_dir")] == ["--run_dir"]
+    assert argv[argv.index("--run_dir") + 1] == str(run_dir)
+    assert not any(arg.startswith("rel/") for arg in argv)
+    # other flags, even ones whose value mentions run_dir, pass through in their order
+    assert argv[6:10] == ["--seed", "3", "--data.val_shards", "v/run_dir-*.tar"]
 
 
 def test_devices_that_disagree_with_the_allocation_are_refused_naming_both(tmp_path, capsys):

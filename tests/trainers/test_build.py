@@ -1,5 +1,6 @@
 import pytest
 
+from trainers.lightning_compat import checkpoint_every_n_train_steps
 from trainers.build import LoggingConfig, TrainerConfig, build_trainer, resolve_precision, wandb_run_id
 
 
@@ -43,5 +44,5 @@ def test_trainer_writes_into_the_run_dir(tmp_path):
     trainer = build_trainer(TrainerConfig(accelerator="cpu", max_steps=3, checkpoint_every_n_steps=2),
                             LoggingConfig(), tmp_path, batch_size_per_device=4)
     ckpt = trainer.checkpoint_callback
-    assert ckpt.dirpath == str(tmp_path / "checkpoints") and ckpt._every_n_train_steps == 2
+    assert ckpt.dirpath == str(tmp_path / "checkpoints") and checkpoint_every_n_train_steps(ckpt) == 2
     assert trainer.default_root_dir == str(tmp_path) and trainer.max_steps == 3

@@ -65,7 +65,7 @@ def test_ema_averages_after_each_optimizer_step_copies_in_warmup_and_is_checkpoi
     module = _finetune(ema=asdict(EMAConfig(enabled=True, decay=0.75)), warmup_steps=1)
     assert not any(p.requires_grad for p in module.ema.parameters())
     start = module.model.head.weight.detach().clone()
-    module._trainer = SimpleNamespace(global_step=2)  # an optimizer step happened: global_step moved
+    module.trainer = SimpleNamespace(global_step=2)  # an optimizer step happened: global_step moved
     with torch.no_grad():
         module.model.head.weight.add_(1.0)
     module.on_train_batch_end(None, None, 0)
@@ -75,7 +75,7 @@ def test_ema_averages_after_each_optimizer_step_copies_in_warmup_and_is_checkpoi
     assert "ema.module.head.weight" in module.state_dict()
 
     warm = _finetune(ema=asdict(EMAConfig(enabled=True, decay=0.75, copy_during_warmup=True)), warmup_steps=5)
-    warm._trainer = SimpleNamespace(global_step=1)
+    warm.trainer = SimpleNamespace(global_step=1)
     with torch.no_grad():
         warm.model.head.weight.add_(1.0)
     warm.on_train_batch_end(None, None, 0)

@@ -7,11 +7,13 @@ from torch.utils.data import DataLoader
 
 from trainers.callbacks import StepCheckpoint
 from trainers.guards import NonFiniteLossGuard
+from trainers.method import Method
 
 
-class _Regression(L.LightningModule):
+class _Regression(Method):
     """Loss (w - 3)^2, except on the listed (micro-)batches, where it is NaN or inf. Records w before each batch.
-    ``optimizer``: "sgd" (the guard skips on the host) or "fused_adamw" (on the device)."""
+    ``optimizer``: "sgd" (the guard skips on the host) or "fused_adamw" (on the device). The training step is the
+    shared one of every method, which hands the loss to the guard."""
 
     def __init__(self, bad_batches: dict[int, float], optimizer: str = "sgd"):
         super().__init__()
@@ -21,7 +23,7 @@ class _Regression(L.LightningModule):
         self.before: dict[int, float] = {}
         self.batches = 0
 
-    def training_step(self, batch, batch_idx):
+    def compute_loss(self, batch):
         self.before[self.global_step] = self.w.item()
         loss = ((self.w - 3) ** 2).sum()
         if self.batches in self.bad_batches:

@@ -26,7 +26,6 @@ ROOT = Path(__file__).resolve().parents[2]
 STAGES = (1, 2, 3)
 
 DEEPSPEED_SCRIPT = r'''
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -34,14 +33,13 @@ from pathlib import Path
 import deepspeed
 import lightning as L
 import torch
-from lightning.fabric.utilities.seed import reset_seed
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.strategies import DDPStrategy
 from torch import nn
 
 # Its shared-memory all-reduce is JIT-compiled with g++ on first use (~30 s) and buys nothing for one rank.
 deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 from trainers.checkpoint import find_resume_checkpoint
+from trainers.lightning_compat import deepspeed_on_cpu
 from trainers.strategies import PrismDeepSpeedStrategy
 
 
@@ -84,24 +82,8 @@ for stage in (1, 2, 3):
 
 
 # The same strategy inside Lightning's fit loop: ModelCheckpoint saves, prunes and resumes through it.
-class CPUDeepSpeed(PrismDeepSpeedStrategy):
-    """Test-only: Lightning refuses DeepSpeed without CUDA; these three overrides (environment.md section 3)
-    skip the CUDA check and the device-index validation, and give DeepSpeed a device rank."""
-
-    def setup_environment(self):
-        DDPStrategy.setup_environment(self)
-
-    def setup_distributed(self):
-        reset_seed()
-        self.set_world_ranks()
-        self._init_deepspeed_distributed()
-
-    def _setup_model_and_optimizer(self, model, optimizer, lr_scheduler=None):
-        engine, optimizer, _, _ = deepspeed.initialize(
-            args=argparse.Namespace(device_rank=self.local_rank), config=self.config, model=model,
-            model_parameters=[p for p in model.parameters() if p.requires_grad], optimizer=optimizer,
-            lr_scheduler=lr_scheduler, dist_init_required=False)
-        return engine, optimizer
+# Lightning refuses DeepSpeed without CUDA; the compat module's test-only variant runs it on the CPU (gloo).
+CPUDeepSpeed = deepspeed_on_cpu(PrismDeepSpeedStrategy)
 
 
 class Module(L.LightningModule):

@@ -1,4 +1,5 @@
-"""init_backbone: the next stage from any earlier one, with MAE's exact-missing-keys rule (methods.md §1.3)."""
+"""init_backbone: the next stage from any earlier one, with MAE's exact-missing-keys rule (facebookresearch/mae
+main_finetune.py:main, its assertion on msg.missing_keys)."""
 
 import pytest
 import timm

@@ -1,11 +1,11 @@
-"""No host-device synchronisation inside a training step (issue 6): every hook of a step, the fault-tolerance
+"""No host-device synchronisation inside a training step: every hook of a step, the fault-tolerance
 callbacks included, runs with CUDA's sync debug mode set to "error" (any synchronising call raises)."""
 
 import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from trainers import benchmarking as bench
+from benchmarks import training as bench
 from trainers.build import LoggingConfig, TrainerConfig, build_trainer
 from trainers.mae import MAEPretraining
 

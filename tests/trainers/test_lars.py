@@ -1,5 +1,5 @@
-"""LARS as MAE's linear probe uses it (facebookresearch/mae util/lars.py; methods.md §1.4), against hand-worked
-steps."""
+"""LARS as MAE's linear probe uses it (facebookresearch/mae util/lars.py:LARS, main_linprobe.py), against
+hand-worked steps."""
 
 import pytest
 import torch
@@ -60,7 +60,7 @@ def test_closure_group_scale_and_the_linear_probe_learning_rate():
     optimizer = build_lars([{"params": [weight], "lr_scale": 0.5}], LARSConfig(), lr=2.0)
     assert optimizer.param_groups[0]["lr"] == 1.0
     assert optimizer.step(closure=lambda: torch.tensor(3.0)) == 3.0
-    # methods.md 1.6 (7): linear probe lr = 0.1 * 16384 / 256 = 6.4
+    # facebookresearch/mae FINETUNE.md "Linear Probing", worked by hand: lr = 0.1 * 16384 / 256 = 6.4
     assert resolve_lr(LARSConfig(blr=0.1), effective_batch(512, 1, 32)) == pytest.approx(6.4)
     with pytest.raises(ValueError, match="momentum"):
         LARSConfig(momentum=1.0)

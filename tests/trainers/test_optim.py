@@ -9,7 +9,8 @@ from trainers.optim import (OptimConfig, build_adamw, build_warmup_cosine, effec
 
 
 def test_linear_scaling_rule_matches_the_reference_vectors():
-    # methods.md 1.6 (7): 1.5e-4 * 4096 / 256 = 2.4e-3 and 5e-4 * 1024 / 256 = 2e-3
+    # blr and batch of facebookresearch/mae PRETRAIN.md and FINETUNE.md, worked by hand with lr = blr * batch / 256:
+    # 1.5e-4 * 4096 / 256 = 2.4e-3 and 5e-4 * 1024 / 256 = 2e-3
     assert resolve_lr(OptimConfig(blr=1.5e-4), effective_batch(64, 1, 64)) == pytest.approx(2.4e-3)
     assert resolve_lr(OptimConfig(blr=5e-4), effective_batch(32, 4, 8)) == pytest.approx(2e-3)
     assert resolve_lr(OptimConfig(blr=1.5e-4, lr=0.01), 4096) == 0.01

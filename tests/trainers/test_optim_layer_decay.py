@@ -1,4 +1,5 @@
-"""Layer-wise learning-rate decay (facebookresearch/mae util/lr_decay.py) against methods.md §1.3 / §1.6 (6)."""
+"""Layer-wise learning-rate decay (facebookresearch/mae util/lr_decay.py:param_groups_lrd) against scales worked by
+hand from its rule, with ViT-B's decay 0.65 from facebookresearch/mae FINETUNE.md."""
 
 import math
 
@@ -23,7 +24,8 @@ def test_vit_b_with_decay_065_matches_the_reference_vector():
     got = _scale_and_wd(groups, model)
     assert len(got) == len(list(model.parameters()))
 
-    # methods.md 1.6 (6): 0.65^13 for id 0 (cls, pos_embed, patch_embed) ... 0.65^1 for block 11, 1.0 for the head
+    # by hand from lr_decay.py:get_layer_id_for_vit: 0.65^13 for id 0 (cls, pos_embed, patch_embed) ... 0.65^1 for
+    # block 11, 1.0 for the head
     for name in ("cls_token", "pos_embed", "patch_embed.proj.weight", "patch_embed.proj.bias"):
         assert got[name][0] == pytest.approx(0.65 ** 13), name
     assert got["blocks.0.attn.qkv.weight"][0] == pytest.approx(0.65 ** 12)

@@ -1,8 +1,8 @@
 """Strategy building (no CUDA needed to construct them) and the marked DeepSpeed checkpoint directories."""
 
 from pathlib import Path
-from types import SimpleNamespace
 
+import lightning as L
 import pytest
 import torch
 from lightning.pytorch.plugins.precision import DeepSpeedPrecision
@@ -12,6 +12,7 @@ from torch.distributed.fsdp import ShardingStrategy
 from torch.distributed.fsdp.wrap import ModuleWrapPolicy
 
 import models
+from trainers import lightning_compat as compat
 from trainers.checkpoint import COMPLETE_MARKER, checkpoint_step, find_resume_checkpoint, is_complete_checkpoint
 from trainers.strategies import PrismDeepSpeedStrategy, build_strategy, describe_strategy
 
@@ -50,14 +51,18 @@ def test_deepspeed_names_give_the_stage_and_offload_lightning_registers(name):
     assert strategy.config.get("zero_force_ds_cpu_optimizer", True) is not registered.get("offload_optimizer", False)
 
 
+def _cpu_trainer(**kwargs) -> L.Trainer:
+    """Carries the accumulation and clipping that Lightning copies into the DeepSpeed config at setup."""
+    return L.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                     enable_model_summary=False, **kwargs)
+
+
 def test_lightning_accepts_the_config_and_fills_accumulation_clipping_and_bf16():
     strategy = build_strategy("deepspeed_stage_2", batch_size_per_device=8, precision="bf16-mixed",
                               accumulate_grad_batches=4, gradient_clip_val=1.0)
     strategy.precision_plugin = DeepSpeedPrecision("bf16-mixed")
-    # What Lightning's setup sees: the trainer's accumulation and clipping (a stand-in for the module).
-    strategy._lightning_module = SimpleNamespace(trainer=SimpleNamespace(accumulate_grad_batches=4,
-                                                                         gradient_clip_val=1.0))
-    strategy._format_config()  # raises if the config already had gradient_accumulation_steps
+    # raises if the config already had gradient_accumulation_steps
+    compat.deepspeed_config_for(strategy, _cpu_trainer(accumulate_grad_batches=4, gradient_clip_val=1.0))
     assert strategy.config["gradient_accumulation_steps"] == 4
     assert strategy.config["gradient_clipping"] == 1.0
     assert strategy.config["train_micro_batch_size_per_gpu"] == 8
@@ -68,7 +73,7 @@ def test_lightning_accepts_the_config_and_fills_accumulation_clipping_and_bf16()
 def test_other_deepspeed_precisions_map_to_fp16_or_nothing(precision, key):
     strategy = build_strategy("deepspeed_stage_1", batch_size_per_device=2, precision=precision)
     strategy.precision_plugin = DeepSpeedPrecision(precision)
-    strategy._format_config()
+    compat.deepspeed_config_for(strategy, _cpu_trainer())
     assert {k for k in ("fp16", "bf16") if strategy.config.get(k, {}).get("enabled")} == ({key} if key else set())
 
 
@@ -82,7 +87,7 @@ def test_fsdp_full_shard_wraps_each_transformer_block_of_the_mae():
     strategy = build_strategy("fsdp", batch_size_per_device=8, precision="bf16-mixed")
     assert isinstance(strategy, FSDPStrategy)
     assert strategy.sharding_strategy == ShardingStrategy.FULL_SHARD
-    assert strategy._state_dict_type == "full" and not strategy._activation_checkpointing_kwargs
+    assert compat.fsdp_state_dict_type(strategy) == "full" and not compat.fsdp_activation_checkpointing(strategy)
     policy = strategy.kwargs["auto_wrap_policy"]
     assert isinstance(policy, ModuleWrapPolicy) and strategy.kwargs["use_orig_params"]
     with torch.device("meta"):
@@ -104,7 +109,7 @@ def test_ddp_keeps_gradients_in_the_buckets_and_auto_stays_lightnings():
     for name, unused in [("ddp", False), ("ddp_find_unused_parameters_true", True)]:
         strategy = build_strategy(name, batch_size_per_device=8, precision="32-true")
         assert isinstance(strategy, DDPStrategy)
-        assert strategy._ddp_kwargs == {"find_unused_parameters": unused, "gradient_as_bucket_view": True}
+        assert compat.ddp_kwargs(strategy) == {"find_unused_parameters": unused, "gradient_as_bucket_view": True}
     assert build_strategy("auto", batch_size_per_device=8, precision="32-true") == "auto"
     with pytest.raises(ValueError, match="batch_size_per_device"):
         build_strategy("ddp", batch_size_per_device=0, precision="32-true")

@@ -1,4 +1,5 @@
-"""How fast the datamodule feeds training, against the decode-only floor of the same shards (issue 6, part 2).
+"""How fast the datamodule feeds training, against the decode-only floor of the same shards
+(``python -m recipes.benchmark --trainer none``).
 
 Two rates, measured in the same process on the same cores, for each worker count:
 
@@ -11,9 +12,11 @@ Two rates, measured in the same process on the same cores, for each worker count
 * ``raw_decode_rate``: the floor: read the tar members (``ShardReader``) and decode each ``jpg`` to RGB pixels
   with PIL, nothing else (no other field, no crop, flip, tensor or collate), over the same number of processes.
 
-``ratio`` = datamodule / raw decode: the share of pure decoding capacity that reaches the training step
-(performance.md §3: published PIL/WebDataset pipelines reach about 25-35% of decode-only capacity). The raw decode is
-always PIL on the host, so with ``decode="device"`` the ratio shows what moving the decode to the device buys.
+``ratio`` = datamodule / raw decode: the share of pure decoding capacity that reaches the training step. Published
+PIL and WebDataset pipelines reach about a quarter to a third of it: about 155-184 images/s per core in
+libffcv/ffcv docs/benchmarks.rst (PyTorch DataLoader and WebDataset, random-resized crop and flip) against 540-860
+images/s of single-thread decoding in ternaus/imread_benchmark. The raw decode is always PIL on the host, so with
+``decode="device"`` the ratio shows what moving the decode to the device buys.
 
 Both clocks (``time.perf_counter``) start when the warm-up items have arrived, and there is at least one per
 worker, so worker start-up (forkserver fork, imports, first shard open) is excluded. Items that workers
@@ -33,11 +36,15 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from .sharded import DataConfig, ShardedDataModule, resolve_shards
-from .shards import expand_shards
-from .streams import ShardReader, _worker_context
+from benchmarks.config import Config
+from benchmarks.measure import format_how, how_measured
+from datamodules.sharded import DataConfig, ShardedDataModule, resolve_shards
+from datamodules.shards import expand_shards
+from datamodules.streams import ShardReader, _worker_context
+from datamodules.transforms import mae_train_transform
 
-__all__ = ["datamodule_rate", "default_device", "format_loader_table", "loader_benchmark", "raw_decode_rate"]
+__all__ = ["datamodule_rate", "default_device", "format_loader_table", "loader_benchmark", "loader_report",
+           "raw_decode_rate"]
 
 IMAGE_KEY = "jpg"  # the field the training transforms read (ShardedDataModule's default required key)
 
@@ -271,3 +278,17 @@ def format_loader_table(rows: list[dict], how: str) -> str:
     lines = [how, "  ".join(f"{name:>{width}}" for name, width, _ in _COLUMNS)]
     lines += ["  ".join(f"{cell(row):>{width}}" for _, width, cell in _COLUMNS) for row in rows]
     return "\n".join(lines)
+
+
+def loader_report(cfg: Config, device: torch.device) -> tuple[dict, str]:
+    """``--trainer none``: the loader benchmark of ``cfg`` with the MAE training transform; the report and its
+    text."""
+    data = DataConfig(train_shards=cfg.shards, batch_size=cfg.batch_size, image_size=cfg.image_size,
+                      decode=cfg.decode)
+    resolve_shards(data)
+    rows = loader_benchmark(data, mae_train_transform(cfg.image_size), cfg.worker_counts, cfg.steps)
+    how = how_measured(device, shards=data.train_shards, transform="MAE training", image_size=cfg.image_size,
+                       batch=cfg.batch_size, timed_batches=cfg.steps, decode=cfg.decode)
+    table = format_loader_table(rows, f"MAE training transform, {cfg.image_size} px, batch {cfg.batch_size}, "
+                                      f"{cfg.decode} decode")
+    return {"how_measured": how, "loader": rows}, f"{format_how(how)}\n\n{table}"

@@ -1,5 +1,5 @@
-"""python -m recipes.benchmark as a user runs it, on tiny settings: every figure is computed and consistent (timings
-themselves never gate a test)."""
+"""python -m recipes.benchmark as a user runs it, on tiny settings: every figure is computed and consistent, the loops
+alternate, and the flags reach both loops (timings themselves never gate a test)."""
 
 import io
 import json
@@ -10,18 +10,19 @@ import pytest
 import torch
 from PIL import Image
 
+from benchmarks import loader, measure, methods, training
 from datamodules.shard_writer import ShardWriter
 from recipes.benchmark import Config, main
 from recipes.cli import parse_config
 
-TINY = ["--image_size", "32", "--batch_size", "8", "--warmup_steps", "2", "--steps", "4"]
+TINY = ["--image_size", "32", "--batch_size", "8", "--warmup_steps", "2", "--steps", "4", "--repeats", "2"]
 RUN_FIGURES = ("images_per_sec", "step_ms_median", "step_ms_min", "step_ms_max", "achieved_flops_per_sec", "mfu",
                "peak_memory_bytes")
 
 
 def _mae_tiny_forward_flops_at_32px() -> float:
-    """performance.md §2.2 by hand for mae_vit_tiny_patch8 at 32 px: P = 16 patches of 8x8, encoder d = 192 x 12
-    blocks on N_e = int(16 x 0.25) + 1 = 5 tokens, decoder d' = 128 x 4 blocks on 17 tokens."""
+    """mae_vit_tiny_patch8 at 32 px by hand (tests/benchmarks/flop_formulas.py): P = 16 patches of 8x8, encoder
+    d = 192 x 12 blocks on N_e = int(16 x 0.25) + 1 = 5 tokens, decoder d' = 128 x 4 blocks on 17 tokens."""
     def block(n, d):
         return 24 * n * d**2 + 4 * n**2 * d
     encoder = 2 * 16 * 192 * 192 + 12 * block(5, 192)
@@ -29,45 +30,60 @@ def _mae_tiny_forward_flops_at_32px() -> float:
     return encoder + decoder
 
 
+def _check_runs(report: dict, timed_steps: int, batch: int) -> None:
+    for entry in report["repeats"]:
+        for loop in entry["order"]:
+            run = entry[loop]
+            assert run["timed_steps"] == timed_steps and len(run["step_ms"]) == timed_steps
+            assert all(isinstance(run[key], (int, float)) and math.isfinite(run[key]) and run[key] > 0
+                       for key in RUN_FIGURES), run
+            assert run["images_per_sec"] == pytest.approx(timed_steps * batch / (sum(run["step_ms"]) / 1000))
+            assert run["step_ms_min"] <= run["step_ms_median"] <= run["step_ms_max"]
+            assert run["achieved_flops_per_sec"] == pytest.approx(
+                run["images_per_sec"] * report["flops"]["train_flops_per_image"])
+            assert run["mfu"] == pytest.approx(run["achieved_flops_per_sec"] / report["peak"]["flops_per_sec"])
+
+
 @pytest.mark.slow
-def test_mae_benchmark_reports_every_figure(run_recipe, tmp_path):
-    proc = run_recipe("recipes.benchmark", "--trainer", "mae", "--run_dir", str(tmp_path), *TINY)
+def test_mae_benchmark_reports_every_figure(run_benchmark, tmp_path):
+    proc = run_benchmark("recipes.benchmark", "--trainer", "mae", "--run_dir", str(tmp_path), *TINY)
     report = json.loads((tmp_path / "benchmark.json").read_text())
 
-    for name in ("lightning", "plain"):
+    assert [entry["order"] for entry in report["repeats"]] == [["lightning", "plain"], ["plain", "lightning"]]
+    _check_runs(report, timed_steps=4, batch=8)
+    for name in ("lightning", "plain"):  # each loop's row pools its two runs
         run = report[name]
-        assert run["timed_steps"] == 4 and len(run["step_ms"]) == 4  # both runs timed the same steps
-        assert all(isinstance(run[key], (int, float)) and math.isfinite(run[key]) and run[key] > 0
-                   for key in RUN_FIGURES), run
-        assert run["images_per_sec"] == pytest.approx(4 * 8 / (sum(run["step_ms"]) / 1000))
-        assert run["step_ms_min"] <= run["step_ms_median"] <= run["step_ms_max"]
-        assert run["achieved_flops_per_sec"] == pytest.approx(
-            run["images_per_sec"] * report["flops"]["train_flops_per_image"])
-        assert run["mfu"] == pytest.approx(run["achieved_flops_per_sec"] / report["peak"]["flops_per_sec"])
+        assert run["runs"] == 2 and run["timed_steps"] == 8
+        assert run["images_per_sec"] == pytest.approx(8 * 8 / (sum(run["step_ms"]) / 1000))
+    ratios = [entry["ratio"]["images_per_sec"] for entry in report["repeats"]]
+    for entry in report["repeats"]:
+        assert entry["ratio"]["images_per_sec"] == pytest.approx(entry["lightning"]["images_per_sec"]
+                                                                 / entry["plain"]["images_per_sec"])
     ratio = report["ratio_lightning_over_plain"]
-    assert ratio["images_per_sec"] == pytest.approx(report["lightning"]["images_per_sec"]
-                                                    / report["plain"]["images_per_sec"])
-    assert ratio["step_ms_median"] == pytest.approx(report["lightning"]["step_ms_median"]
-                                                    / report["plain"]["step_ms_median"])
+    assert ratio["repeats"] == 2 and ratio["images_per_sec"] == pytest.approx(sum(ratios) / 2)
+    assert (ratio["images_per_sec_min"], ratio["images_per_sec_max"]) == pytest.approx((min(ratios), max(ratios)))
 
-    flops = report["flops"]
-    assert flops["formula_forward_flops_per_image"] == pytest.approx(_mae_tiny_forward_flops_at_32px())
-    assert abs(flops["relative_difference"]) < 1e-3 and "§2.2" in flops["formula_source"]
+    flops = report["flops"]  # the model's own count, which the formula by hand confirms
+    assert flops["model_forward_flops_per_image"] == pytest.approx(_mae_tiny_forward_flops_at_32px(), rel=1e-3)
     assert flops["train_flops_per_image"] == 3 * flops["model_forward_flops_per_image"]
+    assert flops["source"] == "MaskedAutoencoderViT.complexity()"
 
     cuda = torch.cuda.is_available()
     assert report["peak"]["dtype"] == ("bfloat16" if cuda else "float32") and report["peak"]["flops_per_sec"] > 0
     how = report["how_measured"]
     assert how["model"] == "mae_vit_tiny_patch8" and how["batch_per_step"] == 8 and how["compile"] is False
     assert how["precision"] == ("bf16-mixed" if cuda else "32-true") and how["torch_threads"] >= 1
-    assert {"device", "date", "steps", "timing", "peak_memory"} <= set(how)
-    if not cuda:  # the process's RSS high-water mark only grows
-        assert report["plain"]["peak_memory_bytes"] >= report["lightning"]["peak_memory_bytes"]
+    assert {"device", "date", "steps", "timing", "peak_memory", "ratio"} <= set(how)
+    assert how["runs"] == "2 repeat(s), in order: lightning, plain | plain, lightning"
+    if not cuda:  # the process's RSS high-water mark only grows, run after run
+        peaks = [entry[loop]["peak_memory_bytes"] for entry in report["repeats"] for loop in entry["order"]]
+        assert peaks == sorted(peaks)
     assert report["config"]["trainer"] == "mae" and report["config"]["image_size"] == 32
 
-    for text in ("how measured", "Lightning / plain", "plain PyTorch", "MFU", "FLOPs per image", "peak: measured"):
+    for text in ("how measured", "Lightning / plain", "plain PyTorch", "MFU", "FLOPs per image", "peak: measured",
+                 "median over 2 repeats", "repeat 2: plain"):
         assert text in proc.stdout, proc.stdout
-    # The Lightning run is the recipe's: W&B offline and CSV logs; its end-of-run checkpoint is gone.
+    # The Lightning runs are the recipes': W&B offline and CSV logs; their end-of-run checkpoints are gone.
     assert list((tmp_path / "lightning" / "wandb").glob("offline-run-*"))
     assert (tmp_path / "lightning" / "csv" / "hparams.yaml").exists()
     assert not (tmp_path / "lightning" / "checkpoints").exists()
@@ -103,24 +119,24 @@ def test_loader_benchmark_reports_the_datamodule_over_raw_decode_ratio(shards, t
 
 
 @pytest.mark.filterwarnings("ignore:.*smaller than the logging interval", "ignore:Total length of `list` across ranks")
-def test_finetune_over_shards_feeds_both_runs_from_the_datamodule(shards, tmp_path):
+def test_finetune_over_shards_feeds_both_loops_from_the_datamodule(shards, tmp_path):
     cfg, _ = parse_config(Config, ["--trainer", "finetune", "--data", "shards", "--shards", shards, "--num_workers",
                                    "0", "--num_classes", "3", "--run_dir", str(tmp_path), "--image_size", "16",
-                                   "--batch_size", "4", "--warmup_steps", "1", "--steps", "2",
+                                   "--batch_size", "4", "--warmup_steps", "1", "--steps", "2", "--repeats", "1",
                                    "--model.name", "vit_tiny_patch8"])
     report = main(cfg)
     assert report["how_measured"]["data"] == f"shards {shards}"
     assert report["lightning"]["timed_steps"] == report["plain"]["timed_steps"] == 2
-    # vit_tiny_patch8 at 16 px with 3 classes, performance.md §2.1 by hand: 4 patches + cls, d = 192, 12 blocks
+    # vit_tiny_patch8 at 16 px with 3 classes by hand: 4 patches + cls, d = 192, 12 blocks, the head
     forward = 2 * 4 * 3 * 64 * 192 + 12 * (24 * 5 * 192**2 + 4 * 25 * 192) + 2 * 192 * 3
-    assert report["flops"]["formula_forward_flops_per_image"] == pytest.approx(forward)
+    assert report["flops"]["model_forward_flops_per_image"] == pytest.approx(forward, rel=1e-3)
     assert report["ratio_lightning_over_plain"]["images_per_sec"] == pytest.approx(
         report["lightning"]["images_per_sec"] / report["plain"]["images_per_sec"])
 
 
 def test_bad_settings_are_refused_with_the_flag_to_fix(capsys):
     cfg, _ = parse_config(Config, ["--trainer", "swag", "--precision", "32-true"])
-    assert cfg.trainer == "swag" and cfg.model.name is None
+    assert cfg.trainer == "swag" and cfg.model.name is None and cfg.repeats == 3
     with pytest.raises(SystemExit):
         parse_config(Config, ["--trainer", "finetune", "--batch_size", "7"])
     assert "--batch_size must be even" in capsys.readouterr().err
@@ -128,18 +144,21 @@ def test_bad_settings_are_refused_with_the_flag_to_fix(capsys):
         parse_config(Config, ["--num_classes", "0"])
     assert "--num_classes must be >= 1" in capsys.readouterr().err
     with pytest.raises(SystemExit):
+        parse_config(Config, ["--repeats", "0"])
+    assert "--repeats must be >= 1" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
         parse_config(Config, ["--trainer", "dino"])
     with pytest.raises(SystemExit):
         parse_config(Config, ["--precision", "16-mixed"])
 
 
 @pytest.mark.gpu
-def test_gpu_benchmark_in_bf16(run_recipe, tmp_path):
-    run_recipe("recipes.benchmark", "--trainer", "finetune", "--run_dir", str(tmp_path), *TINY)
+def test_gpu_benchmark_in_bf16(run_benchmark, tmp_path):
+    run_benchmark("recipes.benchmark", "--trainer", "finetune", "--run_dir", str(tmp_path), *TINY)
     report = json.loads((tmp_path / "benchmark.json").read_text())
     assert report["how_measured"]["precision"] == "bf16-mixed" and "cuda" in report["how_measured"]["peak_memory"]
     assert report["peak"]["dtype"] == "bfloat16" and report["peak"]["size"] == 8192
-    assert report["lightning"]["timed_steps"] == report["plain"]["timed_steps"] == 4
+    _check_runs(report, timed_steps=4, batch=8)
     assert all(report[name]["peak_memory_bytes"] > 0 and 0 < report[name]["mfu"] < 1 for name in ("lightning", "plain"))
 
 
@@ -148,19 +167,19 @@ def test_gpu_benchmark_in_bf16(run_recipe, tmp_path):
 TWO_STEPS = ["--image_size", "32", "--batch_size", "4", "--warmup_steps", "1", "--steps", "2"]
 
 
-def test_plain_false_runs_and_reports_the_lightning_run_only(tmp_path, capsys, monkeypatch):
-    from trainers import benchmarking
-
+def test_plain_false_runs_and_reports_the_lightning_runs_only(tmp_path, capsys, monkeypatch):
     def no_plain_loop(*args, **kwargs):
         raise AssertionError("--plain false ran the plain loop")
 
-    monkeypatch.setattr(benchmarking, "plain_loop", no_plain_loop)
-    cfg, _ = parse_config(Config, ["--plain", "false", "--run_dir", str(tmp_path), *TWO_STEPS])
+    monkeypatch.setattr(training, "plain_loop", no_plain_loop)
+    cfg, _ = parse_config(Config, ["--plain", "false", "--repeats", "2", "--run_dir", str(tmp_path), *TWO_STEPS])
     main(cfg)
     report = json.loads((tmp_path / "benchmark.json").read_text())
     assert report["plain"] is None and report["ratio_lightning_over_plain"] is None  # null in the JSON
+    assert [entry["order"] for entry in report["repeats"]] == [["lightning"], ["lightning"]]
     run = report["lightning"]
-    assert run["timed_steps"] == 2 and run["images_per_sec"] == pytest.approx(2 * 4 / (sum(run["step_ms"]) / 1000))
+    assert run["runs"] == 2 and run["timed_steps"] == 4
+    assert run["images_per_sec"] == pytest.approx(4 * 4 / (sum(run["step_ms"]) / 1000))
     assert run["mfu"] == pytest.approx(run["achieved_flops_per_sec"] / report["peak"]["flops_per_sec"])
     assert report["how_measured"]["plain_loop"] == "not run (--plain false)" and report["config"]["plain"] is False
     out = capsys.readouterr().out
@@ -169,11 +188,9 @@ def test_plain_false_runs_and_reports_the_lightning_run_only(tmp_path, capsys, m
     assert not (tmp_path / "lightning" / "checkpoints").exists()
 
 
-def test_channels_last_reaches_the_model_and_the_batch_of_both_runs(tmp_path, monkeypatch):
+def test_channels_last_reaches_the_model_and_the_batch_of_both_loops(tmp_path, monkeypatch):
     """A conv model (RegNetY-200MF under the SWAG trainer): the stem's weight and the images each step sees are in
     the channels-last layout, in the Lightning run and in the plain loop."""
-    from trainers import benchmarking
-
     seen = []
 
     def layout(module, image):
@@ -181,23 +198,24 @@ def test_channels_last_reaches_the_model_and_the_batch_of_both_runs(tmp_path, mo
         return (weight.is_contiguous(memory_format=torch.channels_last) and not weight.is_contiguous(),
                 image.is_contiguous(memory_format=torch.channels_last) and not image.is_contiguous())
 
-    start = benchmarking.StepTimer.on_train_batch_start
+    start = measure.StepTimer.on_train_batch_start
 
     def lightning_step(self, trainer, pl_module, batch, batch_idx):
         seen.append(("lightning", *layout(pl_module, batch["image"])))
         start(self, trainer, pl_module, batch, batch_idx)
 
-    loop = benchmarking.plain_loop
+    loop = training.plain_loop
 
     def plain_loop(module, batches, *args, **kwargs):
         batches = list(batches)
         seen.extend(("plain", *layout(module, batch["image"])) for batch in batches)
         return loop(module, batches, *args, **kwargs)
 
-    monkeypatch.setattr(benchmarking.StepTimer, "on_train_batch_start", lightning_step)
-    monkeypatch.setattr(benchmarking, "plain_loop", plain_loop)
+    monkeypatch.setattr(measure.StepTimer, "on_train_batch_start", lightning_step)
+    monkeypatch.setattr(training, "plain_loop", plain_loop)
     cfg, _ = parse_config(Config, ["--trainer", "swag", "--model.name", "regnety_200mf", "--num_classes", "10",
-                                   "--channels_last", "true", "--run_dir", str(tmp_path), *TWO_STEPS])
+                                   "--channels_last", "true", "--repeats", "1", "--run_dir", str(tmp_path),
+                                   *TWO_STEPS])
     report = main(cfg)
     assert report["how_measured"]["channels_last"] is True
     assert report["lightning"]["timed_steps"] == report["plain"]["timed_steps"] == 2
@@ -207,13 +225,11 @@ def test_channels_last_reaches_the_model_and_the_batch_of_both_runs(tmp_path, mo
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="DeepSpeed runs where there is a GPU")
 def test_deepspeed_on_the_cpu_fails_with_build_trainers_error_before_anything_slow(tmp_path, monkeypatch):
-    import recipes.benchmark as recipe
-
     def slow(*args, **kwargs):
         raise AssertionError("reached the model, the data or the matmul peak")
 
-    monkeypatch.setattr(recipe, "mae", slow)
-    monkeypatch.setattr(recipe.bench, "matmul_peak", slow)
+    monkeypatch.setitem(methods.METHODS, "mae", slow)
+    monkeypatch.setattr(training, "matmul_peak", slow)
     cfg, _ = parse_config(Config, ["--strategy", "deepspeed_stage_2", "--run_dir", str(tmp_path), *TWO_STEPS])
     with pytest.raises(ValueError, match=r"trainer.strategy='deepspeed_stage_2' needs CUDA GPUs"):
         main(cfg)
@@ -235,16 +251,14 @@ def test_strategy_and_decode_flags_are_checked_up_front(capsys):
 
 
 def test_decode_reaches_the_loader_benchmark(shards, tmp_path, monkeypatch):
-    import recipes.benchmark as recipe
-
     decodes = []
-    measure = recipe.loader_benchmark
+    measure_rates = loader.loader_benchmark
 
     def loader_benchmark(data, *args):
         decodes.append(data.decode)
-        return measure(data, *args)
+        return measure_rates(data, *args)
 
-    monkeypatch.setattr(recipe, "loader_benchmark", loader_benchmark)
+    monkeypatch.setattr(loader, "loader_benchmark", loader_benchmark)
     cfg, _ = parse_config(Config, ["--trainer", "none", "--decode", "device", "--worker_counts", "[0]", "--shards",
                                    shards, "--run_dir", str(tmp_path), "--image_size", "16", "--batch_size", "4",
                                    "--steps", "2"])

@@ -1,4 +1,4 @@
-"""The loader benchmark: rows complete and self-consistent (rates = images / seconds, ratio = datamodule / raw),
+"""benchmarks/loader.py: rows complete and self-consistent (rates = images / seconds, ratio = datamodule / raw),
 exact image counts, worker counts 0 and 1, warm-up excluded from the clock, and the table. No timing assertions."""
 
 import io
@@ -10,8 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
-import datamodules.loader_benchmark as lb
-from datamodules.loader_benchmark import datamodule_rate, format_loader_table, loader_benchmark, raw_decode_rate
+import benchmarks.loader as lb
+from benchmarks.loader import datamodule_rate, format_loader_table, loader_benchmark, raw_decode_rate
 from datamodules.shard_writer import ShardWriter
 from datamodules.sharded import DataConfig
 from datamodules.shards import expand_shards

@@ -1,0 +1,290 @@
+"""Training speed: a method's Lightning run, as the recipes build it, against a plain PyTorch loop over the same
+model, batches, optimizer and seed, on one device (``python -m recipes.benchmark``).
+
+Each repeat runs both loops from the same initial weights; which runs first alternates (Lightning, plain | plain,
+Lightning | ...), so that neither always gets the process's earlier or later state (allocator, caches, the W&B
+service of an earlier run). The Lightning run is the recipes' (build_trainer, its callbacks, W&B offline + CSV in
+<run_dir>/lightning) with checkpoints and validation past the end: no checkpoint is written, and the checkpoint
+folder is deleted. The plain loop is plain PyTorch on the one device whatever --strategy is.
+"""
+
+from __future__ import annotations
+
+import copy
+import shutil
+import time
+from collections.abc import Callable, Iterable, Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import lightning as L
+import torch
+from lightning.fabric.utilities.throughput import get_available_flops
+
+from benchmarks.config import Config
+from benchmarks.measure import PeakMemory, StepClock, StepTimer, how_measured, matmul_peak
+from benchmarks.methods import Method, build_method
+from benchmarks.report import LOOPS, Run, benchmark_report, flop_count, format_report
+from datamodules import IMAGENET_MEAN, IMAGENET_STD
+from trainers.build import LoggingConfig, TrainerConfig, build_trainer, resolve_precision
+from trainers.callbacks import ImagePanelLogger, StepCheckpoint, ThroughputLogger
+from trainers.checkpoint import CHECKPOINT_DIR
+from trainers.random_state import seed_rank
+
+# ---- batches ---------------------------------------------------------------------------------------------------
+
+
+class RepeatedBatch:
+    """One batch served ``times`` times, a fresh copy each time: mixup and random erasing work in place, and
+    every step (and every run) must see the same input. A length, so that Lightning sizes its epoch."""
+
+    def __init__(self, batch: dict, times: int):
+        self.batch, self.times = batch, times
+
+    def __len__(self) -> int:
+        return self.times
+
+    def __iter__(self):
+        for _ in range(self.times):
+            yield {k: v.clone() if isinstance(v, torch.Tensor) else copy.deepcopy(v) for k, v in self.batch.items()}
+
+
+def synthetic_batch(batch_size: int, image_size: int, device: torch.device | str, *, seed: int = 0,
+                    num_classes: int | None = None, vocab: Sequence[str] | None = None) -> dict:
+    """A random batch in the batch contract (batch_contract/__init__.py), made once on ``device``: ``image``
+    standard normal (as normalised pixels), ``label`` when ``num_classes`` is given, ``hashtags`` (1 to 3 tags of
+    ``vocab`` per image) when ``vocab`` is."""
+    gen = torch.Generator().manual_seed(seed)
+    batch: dict = {"image": torch.randn(batch_size, 3, image_size, image_size, generator=gen)}
+    if num_classes is not None:
+        batch["label"] = torch.randint(num_classes, (batch_size,), generator=gen)
+    if vocab is not None:
+        counts = torch.randint(1, 4, (batch_size,), generator=gen).tolist()
+        batch["hashtags"] = [[vocab[i] for i in torch.randint(len(vocab), (n,), generator=gen).tolist()]
+                             for n in counts]
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def datamodule_batches(datamodule: L.LightningDataModule) -> tuple[Iterable[dict], Callable[[dict], dict]]:
+    """A datamodule's training batches as fit gets them: after setup('fit'), its loader, and its device-side step
+    (on_after_batch_transfer) for plain_loop's ``prepare``."""
+    datamodule.setup("fit")
+    return datamodule.train_dataloader(), lambda batch: datamodule.on_after_batch_transfer(batch, 0)
+
+
+# ---- the plain PyTorch loop ------------------------------------------------------------------------------------
+
+def autocast_for(precision: str, device: torch.device) -> Callable[[], object]:
+    """What Lightning's precision plugin wraps around training_step: bf16 autocast for bf16-mixed, nothing for
+    32-true. Other precisions need a loss scaler or cast weights, which the plain loop does not do."""
+    if precision == "bf16-mixed":
+        return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
+    if precision == "32-true":
+        return nullcontext
+    raise ValueError(f"The plain loop runs precision bf16-mixed or 32-true, not {precision!r}: pass --precision "
+                     "bf16-mixed or 32-true.")
+
+
+def optimizer_and_scheduler(configured) -> tuple[torch.optim.Optimizer, object | None]:
+    """The optimizer and the per-step scheduler from what ``configure_optimizers`` returned (an optimizer, or a
+    dict with ``optimizer`` and an optional ``lr_scheduler`` as every method here returns)."""
+    if isinstance(configured, torch.optim.Optimizer):
+        return configured, None
+    if not isinstance(configured, dict) or "optimizer" not in configured:
+        raise TypeError(f"plain_loop understands configure_optimizers() returning an optimizer or a dict with "
+                        f"'optimizer' (and 'lr_scheduler'); got {type(configured).__name__}.")
+    scheduler = configured.get("lr_scheduler")
+    if isinstance(scheduler, dict):
+        if scheduler.get("interval", "epoch") != "step":
+            raise ValueError("plain_loop steps the scheduler every optimizer step; this one has interval "
+                             f"{scheduler.get('interval', 'epoch')!r}.")
+        scheduler = scheduler["scheduler"]
+    return configured["optimizer"], scheduler
+
+
+def plain_loop(module: L.LightningModule, batches: Iterable[dict], steps: int, device: torch.device | str,
+               precision: str, seed: int, prepare: Callable[[dict], dict] | None = None,
+               clock: Callable[[], float] = time.perf_counter) -> list[float]:
+    """Train ``module`` for ``steps`` steps the plain PyTorch way; returns each step's milliseconds.
+
+    The loss is the module's ``compute_loss`` (the code its training_step runs), the optimizer and schedule come
+    from its own ``configure_optimizers`` (called after the move to the device, as Lightning does: fused AdamW
+    needs CUDA parameters). ``prepare`` is the device-side step of a datamodule (on_after_batch_transfer). The
+    random state is seeded right before the first step as trainers.random_state seeds a Lightning run, so that
+    masks, mixup and drop-path draw the same numbers. Step boundaries are marked where :class:`StepTimer` marks.
+    """
+    device = torch.device(device)
+    module.to(device).train()
+    optimizer, scheduler = optimizer_and_scheduler(module.configure_optimizers())
+    autocast = autocast_for(precision, device)
+    timer = StepClock(device, clock)
+    seed_rank(seed, 0)
+    batches = iter(batches)
+    for _ in range(steps):
+        batch = to_device(next(batches), device)
+        if prepare is not None:
+            batch = prepare(batch)
+        timer.mark()
+        with autocast():
+            loss = module.compute_loss(batch)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if scheduler is not None:
+            scheduler.step()
+    timer.mark()
+    return timer.step_ms()
+
+
+# ---- the benchmark: both loops, repeated ------------------------------------------------------------------------
+
+def run_order(repeats: int, plain: bool) -> list[tuple[int, str]]:
+    """(repeat, loop) in running order: Lightning first in even repeats, the plain loop first in odd ones; the
+    Lightning runs alone without ``plain``."""
+    if not plain:
+        return [(repeat, "lightning") for repeat in range(repeats)]
+    return [(repeat, loop) for repeat in range(repeats) for loop in (LOOPS if repeat % 2 == 0 else LOOPS[::-1])]
+
+
+def skip_checkpoints(trainer: L.Trainer, last_step: int) -> None:
+    """No checkpoint from a Lightning run: its last step counts as saved and there is no last.ckpt. A benchmark's
+    weights are no use, and a big model's DeepSpeed checkpoint (about 14 bytes per parameter: 90 GB for ViT-6.5B)
+    would take minutes after the timed steps and may not fit on the disk."""
+    for callback in trainer.checkpoint_callbacks:
+        if isinstance(callback, StepCheckpoint):
+            callback.note_saved(last_step)
+            callback.save_last = False
+
+
+@dataclass
+class Setup:
+    """What every run of one benchmark shares."""
+
+    cfg: Config
+    run_dir: Path
+    device: torch.device
+    trainer_cfg: TrainerConfig
+    method: Method
+    flops: dict
+    runs_left: int
+    batch: dict | None
+    """The synthetic batch (None with --data shards)."""
+
+    @property
+    def total(self) -> int:
+        return self.trainer_cfg.max_steps
+
+    def module(self) -> L.LightningModule:
+        """The untouched initial weights: a copy while later runs still need them, the original for the last run
+        (a model too big to hold twice runs once, with --plain false, and is never copied)."""
+        self.runs_left -= 1
+        return self.method.module if self.runs_left == 0 else copy.deepcopy(self.method.module)
+
+
+def lightning_trainer(cfg: Config, trainer_cfg: TrainerConfig, run_dir: Path, device: torch.device,
+                      flops_per_image: float | None = None) -> tuple[L.Trainer, StepTimer]:
+    """A Trainer as the recipes build it, with their callbacks as they configure them, plus the step timer."""
+    peak = get_available_flops(device, torch.bfloat16) if device.type == "cuda" else None
+    callbacks: list = [ThroughputLogger(cfg.batch_size, trainer_cfg.log_every_n_steps, flops_per_image, peak)]
+    if cfg.trainer == "mae":  # rendered once, after the last step
+        callbacks.append(ImagePanelLogger(run_dir / "lightning" / "images", trainer_cfg.max_steps + 1, IMAGENET_MEAN,
+                                          IMAGENET_STD))
+    timer = StepTimer(device)
+    trainer = build_trainer(trainer_cfg, LoggingConfig(name=f"benchmark-{cfg.trainer}"), run_dir / "lightning",
+                            callbacks=[*callbacks, timer], batch_size_per_device=cfg.batch_size, seed=cfg.seed)
+    skip_checkpoints(trainer, trainer_cfg.max_steps)
+    return trainer, timer
+
+
+def lightning_run(setup: Setup, repeat: int, built: tuple[L.Trainer, StepTimer] | None = None) -> Run:
+    cfg = setup.cfg
+    trainer, timer = built or lightning_trainer(cfg, setup.trainer_cfg, setup.run_dir, setup.device,
+                                                setup.flops["train_flops_per_image"])
+    for callback in trainer.callbacks:
+        if isinstance(callback, ThroughputLogger):
+            callback.flops_per_sample = setup.flops["train_flops_per_image"]
+    data = ({"train_dataloaders": RepeatedBatch(setup.batch, setup.total)} if setup.batch is not None
+            else {"datamodule": setup.method.datamodule()})
+    module = setup.module()
+    with PeakMemory(setup.device) as memory:
+        trainer.fit(module, **data)
+    trainer.loggers[0].experiment.finish()
+    # A benchmark's weights are no use; DeepSpeed saves directories, hence rmtree (whatever a signal or guard saved)
+    shutil.rmtree(setup.run_dir / "lightning" / CHECKPOINT_DIR, ignore_errors=True)
+    return Run("lightning", repeat, timer.step_ms(), memory.bytes)
+
+
+def plain_run(setup: Setup, repeat: int) -> Run:
+    cfg = setup.cfg
+    module = setup.module()
+    if cfg.channels_last:
+        module.to(memory_format=torch.channels_last)  # 4-D weights only
+    if cfg.compile:
+        module.model.compile()
+    with PeakMemory(setup.device) as memory:
+        if setup.batch is not None:
+            batches, prepare = RepeatedBatch(setup.batch, setup.total), None
+        else:
+            datamodule = setup.method.datamodule()
+            datamodule.decode_device = setup.device  # no Trainer tells it where to decode (--decode device)
+            batches, prepare = datamodule_batches(datamodule)
+        step_ms = plain_loop(module, batches, setup.total, setup.device, resolve_precision(setup.trainer_cfg),
+                             cfg.seed, prepare)
+    return Run("plain", repeat, step_ms, memory.bytes)
+
+
+def _synthetic(cfg: Config, method: Method, device: torch.device) -> dict | None:
+    if cfg.data != "synthetic":
+        return None
+    batch = synthetic_batch(cfg.batch_size, cfg.image_size, device, seed=cfg.seed, **method.synthetic)
+    if cfg.channels_last:  # RepeatedBatch's copies keep the layout (clone preserves strides)
+        batch["image"] = batch["image"].contiguous(memory_format=torch.channels_last)
+    return batch
+
+
+def _how(setup: Setup, name: str, order: list[tuple[int, str]]) -> dict:
+    cfg, data = setup.cfg, setup.method.data
+    repeats = " | ".join(", ".join(loop for r, loop in order if r == repeat) for repeat in range(cfg.repeats))
+    return how_measured(
+        setup.device, trainer=cfg.trainer, model=name, image_size=cfg.image_size,
+        data=cfg.data if cfg.data == "synthetic" else f"shards {data.train_shards}",
+        **({"decode": cfg.decode} if cfg.data == "shards" else {}),
+        batch_per_step=cfg.batch_size, steps=f"{cfg.warmup_steps} warm-up + {cfg.steps} timed per run",
+        precision=resolve_precision(setup.trainer_cfg), strategy=cfg.strategy, compile=cfg.compile,
+        channels_last=cfg.channels_last, plain_loop="run" if cfg.plain else "not run (--plain false)",
+        runs=f"{cfg.repeats} repeat(s), in order: {repeats}",
+        ratio=("median over repeats of Lightning / plain within a repeat, with min-max" if cfg.plain else "none"),
+        timing=StepClock(setup.device).how, peak_memory=PeakMemory(setup.device).kind)
+
+
+def training_benchmark(cfg: Config, run_dir: Path, device: torch.device) -> tuple[dict, str]:
+    """Both loops ``cfg.repeats`` times (see the module's docstring); the report and its text."""
+    total = cfg.warmup_steps + cfg.steps
+    # Lightning takes compile and channels-last as users pass them (--trainer.compile / --trainer.channels_last);
+    # the plain loop applies them by hand.
+    trainer_cfg = TrainerConfig(max_steps=total, devices=1, strategy=cfg.strategy, precision=cfg.precision,
+                                checkpoint_every_n_steps=total + 1, val_every_n_steps=total + 1,
+                                compile=cfg.compile, channels_last=cfg.channels_last)
+    # The first Trainer before anything slow: build_trainer refuses what cannot run here (DeepSpeed or FSDP without
+    # CUDA) with its own message before the model, the data and the matmul peak take their time.
+    first = lightning_trainer(cfg, trainer_cfg, run_dir, device)
+    name, method = build_method(cfg, total, run_dir)
+    order = run_order(cfg.repeats, cfg.plain)
+    setup = Setup(cfg, run_dir, device, trainer_cfg, method, flop_count(method.module.model), len(order),
+                  _synthetic(cfg, method, device))
+    peak = matmul_peak(device)
+    how = _how(setup, name, order)
+    runs = []
+    for repeat, loop in order:
+        if loop == "lightning":
+            runs.append(lightning_run(setup, repeat, first))
+            first = None
+        else:
+            runs.append(plain_run(setup, repeat))
+    report = benchmark_report(how, setup.flops, peak, cfg.warmup_steps, cfg.batch_size, runs)
+    return report, format_report(report)
