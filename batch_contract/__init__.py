@@ -33,6 +33,11 @@ from typing import TypedDict
 
 import torch
 
+# The normalisation every datamodule applies to ``image`` and ``frames`` (torchvision's ImageNet statistics); a
+# model evaluated outside a datamodule (evaluation.model) must apply the same.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
 
 class Prompts(TypedDict, total=False):
     points: torch.Tensor

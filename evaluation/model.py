@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from datamodules import IMAGENET_MEAN, IMAGENET_STD
+from batch_contract import IMAGENET_MEAN, IMAGENET_STD
 from evaluation.linear_head import fit_linear_head
 
 
