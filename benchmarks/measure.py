@@ -115,7 +115,6 @@ def matmul_peak(device: torch.device | str, size: int | None = None, min_seconds
     once = seconds_for(1)
     repetitions = max(10 if cuda else 1, round(min_seconds / max(once, 1e-9)))
     seconds = seconds_for(repetitions)
-    del a, b
     return {"flops_per_sec": 2 * size**3 * repetitions / seconds, "dtype": str(dtype).removeprefix("torch."),
             "size": size, "repetitions": repetitions, "seconds": seconds,
             "spec_bf16_flops_per_sec": spec_peak(device_name(device)) if cuda else None}

@@ -81,9 +81,9 @@ def benchmark_report(how: dict, flops: dict, peak: dict, warmup_steps: int, batc
                           for key in ("images_per_sec", "step_ms_median")}
     ratio = None
     if pairs:
-        spreads = {key: _spread([entry["ratio"][key] for entry in pairs]) for key in ("images_per_sec", "step_ms_median")}
         ratio = {"repeats": len(pairs)}
-        for key, spread in spreads.items():
+        for key in ("images_per_sec", "step_ms_median"):
+            spread = _spread([entry["ratio"][key] for entry in pairs])
             ratio.update({key: spread["median"], f"{key}_min": spread["min"], f"{key}_max": spread["max"]})
     return {"how_measured": how, "flops": flops, "peak": peak, **pooled, "repeats": list(repeats.values()),
             "ratio_lightning_over_plain": ratio}

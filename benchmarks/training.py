@@ -31,6 +31,7 @@ from trainers.build import LoggingConfig, TrainerConfig, build_trainer, resolve_
 from trainers.callbacks import ImagePanelLogger, StepCheckpoint, ThroughputLogger
 from trainers.checkpoint import CHECKPOINT_DIR
 from trainers.random_state import seed_rank
+from trainers.threads import configure_cpu_threads
 
 # ---- batches ---------------------------------------------------------------------------------------------------
 
@@ -205,7 +206,7 @@ def lightning_run(setup: Setup, repeat: int, built: tuple[L.Trainer, StepTimer] 
     cfg = setup.cfg
     trainer, timer = built or lightning_trainer(cfg, setup.trainer_cfg, setup.run_dir, setup.device,
                                                 setup.flops["train_flops_per_image"])
-    for callback in trainer.callbacks:
+    for callback in trainer.callbacks:  # the first Trainer is built before the model, and its count, exist
         if isinstance(callback, ThroughputLogger):
             callback.flops_per_sample = setup.flops["train_flops_per_image"]
     data = ({"train_dataloaders": RepeatedBatch(setup.batch, setup.total)} if setup.batch is not None
@@ -247,7 +248,7 @@ def _synthetic(cfg: Config, method: Method, device: torch.device) -> dict | None
     return batch
 
 
-def _how(setup: Setup, name: str, order: list[tuple[int, str]]) -> dict:
+def _how(setup: Setup, name: str, order: list[tuple[int, str]], threads: str) -> dict:
     cfg, data = setup.cfg, setup.method.data
     repeats = " | ".join(", ".join(loop for r, loop in order if r == repeat) for repeat in range(cfg.repeats))
     return how_measured(
@@ -259,7 +260,7 @@ def _how(setup: Setup, name: str, order: list[tuple[int, str]]) -> dict:
         channels_last=cfg.channels_last, plain_loop="run" if cfg.plain else "not run (--plain false)",
         runs=f"{cfg.repeats} repeat(s), in order: {repeats}",
         ratio=("median over repeats of Lightning / plain within a repeat, with min-max" if cfg.plain else "none"),
-        timing=StepClock(setup.device).how, peak_memory=PeakMemory(setup.device).kind)
+        cpu_threads=threads, timing=StepClock(setup.device).how, peak_memory=PeakMemory(setup.device).kind)
 
 
 def training_benchmark(cfg: Config, run_dir: Path, device: torch.device) -> tuple[dict, str]:
@@ -277,8 +278,10 @@ def training_benchmark(cfg: Config, run_dir: Path, device: torch.device) -> tupl
     order = run_order(cfg.repeats, cfg.plain)
     setup = Setup(cfg, run_dir, device, trainer_cfg, method, flop_count(method.module.model), len(order),
                   _synthetic(cfg, method, device))
+    # Both loops get the thread count the recipes' runs get (trainers/run.py), loader workers counted
+    threads = configure_cpu_threads(cfg.num_workers if cfg.data == "shards" else 0, 1)
     peak = matmul_peak(device)
-    how = _how(setup, name, order)
+    how = _how(setup, name, order, threads)
     runs = []
     for repeat, loop in order:
         if loop == "lightning":

@@ -1,11 +1,11 @@
 """Every place Prism reaches into Lightning's private parts, in one module.
 
 Lightning's public API does not cover a few things Prism needs: switching off a per-step host-device sync,
-saving a step's checkpoint from our own hook, keeping metrics.csv across attempts, telling the datamodule
-where training stands. Each function below names the Lightning file and function it depends on, and
-tests/trainers/test_lightning_compat.py checks each one against the installed Lightning on a real Trainer, so
-that a release which changes one fails there, naming the version and what moved, rather than inside a job.
-At run time a missing attribute raises ``LightningChanged`` with the same information.
+saving a step's checkpoint from our own hook, keeping metrics.csv across attempts, knowing which steps' metrics
+reach the loggers, telling the datamodule where training stands. Each function below names the Lightning file and
+function it depends on, and tests/trainers/test_lightning_compat.py checks each one against the installed
+Lightning on a real Trainer, so that a release which changes one fails there, naming the version and what moved,
+rather than inside a job. At run time a missing attribute raises ``LightningChanged`` with the same information.
 
 No other module touches an underscored Lightning attribute; tests that need one call the readers at the end.
 """
@@ -98,6 +98,15 @@ def training_position(trainer: Trainer) -> tuple[int, int] | None:
         return epochs.processed, 0
     batches = _private(fit_loop.epoch_loop, "batch_progress", "training_position").current
     return epochs.processed, batches.processed
+
+
+def logs_this_step(trainer: Trainer) -> bool:
+    """Whether what the module logs in the coming (or current) training step reaches the loggers.
+
+    lightning/pytorch/trainer/connectors/logger_connector/logger_connector.py:_LoggerConnector.should_update_logs
+    is the test Lightning itself applies before it hands step metrics to the loggers (every
+    ``log_every_n_steps`` optimizer steps, and when the run is stopping)."""
+    return _private(trainer, "_logger_connector", "logs_this_step").should_update_logs
 
 
 # ---- checkpoints ---------------------------------------------------------------------------------------

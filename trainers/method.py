@@ -22,6 +22,7 @@ import torch
 
 from trainers.guards import guard_step
 from trainers.handoff import init_backbone
+from trainers.lightning_compat import logs_this_step
 from trainers.optim import ScheduleConfig, build_optimizer, build_warmup_cosine
 
 C = TypeVar("C")
@@ -78,13 +79,18 @@ class Method(L.LightningModule):
     # -- the shared step and optimizer -----------------------------------------------------------------------
     def training_step(self, batch, batch_idx):
         loss = self.compute_loss(batch)
-        self.log("train/loss", loss, prog_bar=True)
-        for name, value in self.training_metrics().items():
-            self.log(name, value)
+        trainer = self.attached_trainer()
+        if trainer is None:
+            return loss
+        # Only the logging steps' values reach the loggers and the progress bar, and each self.log costs about
+        # a millisecond of Lightning's result bookkeeping, so the other steps log nothing.
+        if logs_this_step(trainer):
+            self.log("train/loss", loss, prog_bar=True)
+            for name, value in self.training_metrics().items():
+                self.log(name, value)
         # A NaN or infinite loss skips this optimizer step on every rank (trainers/guards.py); None (host path)
         # makes Lightning skip backward and the step.
-        trainer = self.attached_trainer()
-        return loss if trainer is None else guard_step(trainer, loss)
+        return guard_step(trainer, loss)
 
     def attached_trainer(self) -> L.Trainer | None:
         """The Trainer, or None when the module runs on its own (a notebook, a test)."""

@@ -126,6 +126,9 @@ def test_finetune_over_shards_feeds_both_loops_from_the_datamodule(shards, tmp_p
                                    "--model.name", "vit_tiny_patch8"])
     report = main(cfg)
     assert report["how_measured"]["data"] == f"shards {shards}"
+    # both loops run with the thread count the recipes' runs get (trainers.threads), which the report states
+    assert report["how_measured"]["cpu_threads"].startswith("torch threads: ")
+    assert report["how_measured"]["torch_threads"] == torch.get_num_threads()
     assert report["lightning"]["timed_steps"] == report["plain"]["timed_steps"] == 2
     # vit_tiny_patch8 at 16 px with 3 classes by hand: 4 patches + cls, d = 192, 12 blocks, the head
     forward = 2 * 4 * 3 * 64 * 192 + 12 * (24 * 5 * 192**2 + 4 * 25 * 192) + 2 * 192 * 3

@@ -88,7 +88,7 @@ def test_plain_loop_makes_the_same_weights_as_lightning(kind, tmp_path):
     assert lightning.keys() == ours.keys()
     moved = 0.0
     for key, value in lightning.items():
-        torch.testing.assert_close(ours[key], value, rtol=1e-5, atol=1e-6, msg=lambda m: f"{key}: {m}")
+        torch.testing.assert_close(ours[key], value, rtol=1e-5, atol=1e-6, msg=lambda m, key=key: f"{key}: {m}")
         if value.is_floating_point():
             moved = max(moved, (value - start[key]).abs().max().item())
     assert moved > 1e-4  # the weights did train: agreement is not two untouched copies

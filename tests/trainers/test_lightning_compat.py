@@ -146,6 +146,40 @@ def test_training_position_counts_what_the_module_trained_on(tmp_path):
     assert compat.training_position(trainer) is None
 
 
+class LogsStep(Tiny):
+    """Logs its step number, on every step or only on the steps ``logs_this_step`` names."""
+
+    def __init__(self, only_logging_steps: bool):
+        super().__init__()
+        self.only_logging_steps = only_logging_steps
+        self.logged_on: list[int] = []
+
+    def training_step(self, batch, batch_idx):
+        if not self.only_logging_steps or compat.logs_this_step(self.trainer):
+            self.logged_on.append(self.trainer.global_step)
+            self.log("seen_step", float(self.trainer.global_step))
+        return super().training_step(batch, batch_idx)
+
+
+def test_logging_only_where_logs_this_step_says_gives_the_loggers_the_same_rows(tmp_path):
+    rows = {}
+    for only in (False, True):
+        logger = CSVLogger(tmp_path / str(only), name="", version="")
+        # 2 epochs of 3 batches, with a cadence that falls inside the epochs and a max_steps off the cadence
+        trainer = L.Trainer(accelerator="cpu", max_epochs=3, max_steps=5, log_every_n_steps=2, logger=logger,
+                            enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+                            limit_val_batches=0)
+        module = LogsStep(only)
+        trainer.fit(module)
+        with open(Path(logger.log_dir) / "metrics.csv") as f:
+            rows[only] = [line for line in f if "seen_step" not in line]
+    what = changed("_LoggerConnector.should_update_logs no longer names the steps whose metrics reach the loggers; "
+                   "logging only on those steps (trainers/method.py) would lose or move logged values")
+    assert rows[True] == rows[False], (what, rows)
+    assert len(rows[False]) == 2  # steps 1 and 3 (0-based) reached the CSV: the test saw the cadence work
+    assert module.logged_on == [1, 3]  # and the other steps logged nothing
+
+
 # ---- ModelCheckpoint ---------------------------------------------------------------------------------------
 
 def test_save_checkpoint_now_writes_top_k_and_last_at_the_current_step(tmp_path):
