@@ -22,20 +22,55 @@ class ClassificationDataConfig(DataConfig):
             raise ValueError(f"DataConfig.num_classes must be >= 1, got {self.num_classes} (--data.num_classes)")
 
 
+def classes_beside(shard: str) -> tuple[str, dict[str, int] | None]:
+    """The classes.json next to a shard (make_shards --format imagefolder writes it): (its path, its mapping of
+    class name -> label, or None when there is none)."""
+    path = shard.rsplit("/", 1)[0] + "/classes.json" if "/" in shard else "classes.json"
+    try:
+        with fsspec.open(path, "r") as f:
+            return path, json.load(f)
+    except FileNotFoundError:
+        return path, None
+    except (OSError, ValueError) as err:
+        raise ValueError(f"{path} cannot be read as a class mapping ({err}); convert the shards again with "
+                         "`python -m datamodules.make_shards --format imagefolder`.") from None
+
+
+def check_same_labels(train: tuple[str, dict], val: tuple[str, dict]) -> None:
+    """Train and val converted one by one must give a class the same label, or every validation is wrong."""
+    (train_path, train_map), (val_path, val_map) = train, val
+    differ = sorted(name for name, label in val_map.items() if train_map.get(name) != label)
+    if differ:
+        name = differ[0]
+        raise ValueError(
+            f"The validation shards label classes differently from the training shards: {val_path} maps "
+            f"{name!r} to {val_map[name]}, {train_path} to {train_map.get(name)} ({len(differ)} class(es) differ). "
+            f"Convert the validation folder again with `python -m datamodules.make_shards --format imagefolder "
+            f"... --classes {train_path}`.")
+
+
 def prepare_data(data: ClassificationDataConfig) -> int:
-    """Fill in the synthetic world when no shards are given, check the specs; returns the number of classes."""
+    """Fill in the synthetic world when no shards are given, check the specs and that train and val label
+    classes alike; returns the number of classes."""
     synthetic = data.train_shards is None
     shards = resolve_shards(data)
-    if data.num_classes is not None or synthetic:
+    if synthetic:
         return data.num_classes or len(CLASS_NAMES)
-    classes = shards[0][0].rsplit("/", 1)[0] + "/classes.json"
-    try:
-        with fsspec.open(classes, "r") as f:
-            return len(json.load(f))
-    except (OSError, ValueError) as err:
-        raise ValueError(f"The number of classes is unknown: --data.num_classes is not set and {classes} cannot be "
-                         f"read ({err}). Pass --data.num_classes N, or write the shards with `python -m "
-                         "datamodules.make_shards --format imagefolder`, which writes classes.json.") from None
+    train = classes_beside(shards[0][0])
+    if train[1] is not None and len(shards) > 1 and shards[1]:
+        val = classes_beside(shards[1][0])
+        if val[1] is not None:
+            check_same_labels(train, val)
+    if data.num_classes is not None:
+        if train[1] is not None and max(train[1].values()) >= data.num_classes:
+            raise ValueError(f"--data.num_classes {data.num_classes} is too few: {train[0]} has labels up to "
+                             f"{max(train[1].values())}. Leave --data.num_classes unset to take it from there.")
+        return data.num_classes
+    if train[1] is None:
+        raise ValueError(f"The number of classes is unknown: --data.num_classes is not set and {train[0]} does not "
+                         "exist. Pass --data.num_classes N, or write the shards with `python -m "
+                         "datamodules.make_shards --format imagefolder`, which writes classes.json.")
+    return max(train[1].values()) + 1
 
 
 @dataclass

@@ -1,6 +1,8 @@
 """Convert common dataset layouts into WebDataset shards (with the index the datamodule reads).
 
-    python -m datamodules.make_shards --format imagefolder --input train/ --output shards/ --prefix train
+    python -m datamodules.make_shards --format imagefolder --input train/ --output shards/train
+    python -m datamodules.make_shards --format imagefolder --input val/ --output shards/val \
+        --classes shards/train/classes.json
     python -m datamodules.make_shards --format captions --input pairs.tsv --output shards/
     python -m datamodules.make_shards --format coco --input instances_val2017.json --images val2017/ --output shards/
     python -m datamodules.make_shards --format video --input DAVIS/ --resolution 480p --output shards/
@@ -13,6 +15,11 @@ Shard sizes: a set of at least min_shards x max_count inputs (default 8 x 1000) 
 max_count samples; a smaller one into min_shards shards of near-equal size (one input each when there are
 fewer), so that several loader processes can each read whole shards of it. --min_shards 1 keeps a small
 set in as few shards as max_count allows.
+
+Samples go into the shards in a random order (--seed; --keep_order keeps the input's), so that each shard, and
+each batch a loader makes from it, mixes the classes. imagefolder labels the sorted class folders 0, 1, ...
+and writes that mapping to classes.json beside the shards; a split converted on its own takes the train
+split's labels with --classes (needed when it lacks a class: its folders would otherwise be numbered anew).
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ import argparse
 import csv
 import io
 import json
+import random
 import sys
 from collections import Counter, defaultdict
 from pathlib import Path
@@ -174,17 +182,35 @@ def read_mask(path: Path) -> np.ndarray:
 Format = tuple[list, Callable[[Any], dict], Counter, dict[str, Any]]  # items, make_sample, skipped, extra files
 
 
+def class_mapping(root: Path, classes_file: str | None) -> dict[str, int]:
+    """Class name -> label: the sorted sub-folder names of ``root``, or the mapping of another shard set's
+    classes.json, so that a split converted on its own (a val folder lacking a class) gets the same labels."""
+    folders = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    if not folders:
+        raise UsageError(f"{root} has no class sub-folders; expected {root}/<class_name>/<image files>")
+    if classes_file is None:
+        return {name: i for i, name in enumerate(folders)}
+    try:
+        mapping = json.loads(Path(classes_file).read_text())
+    except (OSError, ValueError) as err:
+        raise UsageError(f"--classes {classes_file} cannot be read as a classes.json ({err})") from None
+    unknown = sorted(set(folders) - set(mapping))
+    if unknown:
+        raise UsageError(f"{root} has class folder(s) {unknown[:10]} that --classes {classes_file} does not name "
+                         f"({len(unknown)} in all): their labels would be undefined")
+    return mapping
+
+
 def imagefolder(args: argparse.Namespace) -> Format:
     root = Path(args.input)
-    classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
-    if not classes:
-        raise UsageError(f"{root} has no class sub-folders; expected {root}/<class_name>/<image files>")
-    mapping = {name: i for i, name in enumerate(classes)}
+    mapping = class_mapping(root, args.classes)
+    classes = {label: name for name, label in mapping.items()}
     old = Path(args.output, "classes.json")
     if old.exists() and json.loads(old.read_text()) != mapping and not args.overwrite:
         raise UsageError(f"{old} maps other classes than {root}: labels would disagree between shard sets; "
                          "use another --output, or --overwrite")
-    items = [(p, mapping[c]) for c in classes for p in sorted((root / c).rglob("*")) if p.is_file()]
+    items = [(p, label) for name, label in mapping.items() if (root / name).is_dir()
+             for p in sorted((root / name).rglob("*")) if p.is_file()]
     skipped = Counter(not_in_a_class_folder=sum(p.is_file() for p in root.iterdir()))
 
     def make(item: tuple[Path, int]) -> dict:
@@ -283,6 +309,11 @@ FORMATS = {"imagefolder": imagefolder, "captions": captions, "coco": coco, "vide
 def convert(args: argparse.Namespace) -> dict[str, Any]:
     """Write the shards; returns the index (num_samples, shards, skipped, source)."""
     items, make, skipped, extras = FORMATS[args.format](args)
+    if not args.keep_order:
+        # Folder listings group a class (or a video category) together, and a loader reads a shard front to
+        # back: in input order, whole shards and whole batches would hold one class, and training on them
+        # learns the current shard's class instead of the task.
+        random.Random(args.seed).shuffle(items)
     source = f"make_shards --format {args.format} --input {Path(args.input).resolve()}"
     # Planned from the inputs, skipped ones included: a few skips leave the last shards a little short.
     sizes = balanced_shard_sizes(len(items), args.max_count, args.min_shards)
@@ -316,6 +347,12 @@ def main(argv: list[str] | None = None) -> int:
                              "(fewer when there are fewer inputs); 1: fill shards up to max_count (default 8)")
     parser.add_argument("--max_size", type=float, default=1e9, help="bytes per shard at most")
     parser.add_argument("--overwrite", action="store_true", help="replace a shard set with the same prefix")
+    parser.add_argument("--keep_order", action="store_true",
+                        help="write samples in the input's order (default: a random order drawn from --seed, so "
+                             "that every shard and batch mixes classes)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the sample order (default 0)")
+    parser.add_argument("--classes", help="imagefolder: a classes.json (e.g. the train shards') whose labels to use, "
+                                          "for a split converted on its own; default: the sorted class folders")
     parser.add_argument("--images", help="coco: folder holding the images named by file_name")
     parser.add_argument("--image_column", default="image", help="captions: column with the image path")
     parser.add_argument("--caption_column", default="caption", help="captions: column with the caption")

@@ -146,9 +146,10 @@ def _check_labels(labels: torch.Tensor, num_classes: int) -> None:
                          "set --data.num_classes to the number of classes in the shards (classes.json).")
 
 
-def _flops_per_sample(model: nn.Module) -> float | None:
+def _forward_flops(model: nn.Module) -> float | None:
+    """One image's forward FLOPs from the model's own count; None for a model without ``complexity()``."""
     complexity = getattr(model, "complexity", None)
-    return 3 * complexity().flops if callable(complexity) else None  # forward + backward
+    return complexity().flops if callable(complexity) else None
 
 
 # ---- fine-tuning -----------------------------------------------------------------------------------------------
@@ -190,7 +191,8 @@ class ImageClassification(Method):
             self.ema.requires_grad_(False)  # a DDP/optimizer bystander: its weights move by update() only
         self.accuracy = TopKAccuracy(self.num_classes)
         self.ema_accuracy = TopKAccuracy(self.num_classes) if self.ema is not None else None
-        self.flops_per_sample = _flops_per_sample(self.model)
+        forward = _forward_flops(self.model)
+        self.flops_per_sample = 3 * forward if forward else None  # forward + backward
         self._ema_seen_step = 0
         self._labels_checked = False
 
@@ -286,7 +288,7 @@ class LinearProbe(Method):
         nn.init.zeros_(self.head[1].bias)
         self.accuracy = TopKAccuracy(num_classes)
         # Forward only: nothing propagates back through the frozen backbone, and the head's share is negligible.
-        self.flops_per_sample = (_flops_per_sample(self.model) or 0) / 3 or None
+        self.flops_per_sample = _forward_flops(self.model)
         self.warn_without_init = "No --init_from: probing a randomly initialised backbone (a baseline, not a result)."
         self._labels_checked = False
 

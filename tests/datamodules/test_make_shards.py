@@ -163,7 +163,7 @@ def imagefolder(tmp_path):
 def test_imagefolder(imagefolder, tmp_path, capsys):
     out = tmp_path / "out"
     assert M.main(["--format", "imagefolder", "--input", str(imagefolder), "--output", str(out),
-                   "--max_count", "2", "--min_shards", "1"]) == 0
+                   "--max_count", "2", "--min_shards", "1", "--keep_order"]) == 0
     assert json.loads((out / "classes.json").read_text()) == {"bird": 0, "cat": 1, "dog": 2}
     idx = index(out)
     assert idx["num_samples"] == 3 and idx["shards"] == {"train-000000.tar": 2, "train-000001.tar": 1}
@@ -203,6 +203,64 @@ def test_a_small_set_is_cut_into_min_shards_shards(tmp_path, capsys):
     assert exit_.value.code == 2 and "--min_shards must be >= 1, got 0" in capsys.readouterr().err
 
 
+def class_folder(root: Path, classes: list[str], per_class: int) -> Path:
+    for i, name in enumerate(classes):
+        for j in range(per_class):
+            write(root / name / f"{j:03d}.jpg", jpeg_bytes((20 * i, 5 * j, 0), size=(8, 8)))
+    return root
+
+
+def _labels_by_class(out: Path) -> dict[str, set[int]]:
+    labels: dict[str, set[int]] = {}
+    for sample in read_shards(out):
+        meta = json.loads(sample["json"])
+        assert int(sample["cls"]) == meta["label"]
+        labels.setdefault(meta["class_name"], set()).add(meta["label"])
+    return labels
+
+
+def test_separately_converted_splits_give_a_class_the_same_label(tmp_path, capsys):
+    names = ["0", "1", "2", "3", "10", "cat"]  # sorted as strings: "10" before "2"
+    train = class_folder(tmp_path / "train", names, 3)
+    val = class_folder(tmp_path / "val", names, 2)
+    val_lacking = class_folder(tmp_path / "val_lacking", ["0", "2", "cat"], 2)  # no "1", "3" or "10" images
+    assert M.main(["--format", "imagefolder", "--input", str(train), "--output", str(tmp_path / "s_train")]) == 0
+    assert M.main(["--format", "imagefolder", "--input", str(val), "--output", str(tmp_path / "s_val")]) == 0
+    expected = {"0": 0, "1": 1, "10": 2, "2": 3, "3": 4, "cat": 5}  # the sorted class folders, by hand
+    for split in ("s_train", "s_val"):  # recorded beside the shards, and used in them
+        assert json.loads((tmp_path / split / "classes.json").read_text()) == expected
+        assert _labels_by_class(tmp_path / split) == {name: {label} for name, label in expected.items()}
+    # a split lacking classes takes the train split's labels with --classes; its own folders would renumber
+    train_classes = str(tmp_path / "s_train" / "classes.json")
+    assert M.main(["--format", "imagefolder", "--input", str(val_lacking), "--output", str(tmp_path / "s_lacking"),
+                   "--classes", train_classes]) == 0
+    assert json.loads((tmp_path / "s_lacking" / "classes.json").read_text()) == expected
+    assert _labels_by_class(tmp_path / "s_lacking") == {"0": {0}, "2": {3}, "cat": {5}}
+    # a folder naming a class the mapping lacks cannot be labelled: a clear error, nothing written
+    class_folder(tmp_path / "val_extra", ["0", "dog"], 1)
+    assert M.main(["--format", "imagefolder", "--input", str(tmp_path / "val_extra"), "--output",
+                   str(tmp_path / "s_extra"), "--classes", train_classes]) == 2
+    assert "['dog']" in capsys.readouterr().err and not (tmp_path / "s_extra").exists()
+
+
+def test_samples_are_written_in_a_seeded_random_order(tmp_path):
+    root = class_folder(tmp_path / "sorted", [str(c) for c in range(4)], 8)  # 32 images, 4 classes
+
+    def convert(name: str, *flags: str) -> list[list[int]]:
+        out = tmp_path / name
+        assert M.main(["--format", "imagefolder", "--input", str(root), "--output", str(out), *flags]) == 0
+        return [[int(s["cls"]) for s in read_shards(out, "train") if s["__url__"].endswith(shard)]
+                for shard in sorted(index(out)["shards"])]
+
+    kept = convert("kept", "--keep_order")
+    assert [set(shard) for shard in kept] == [{0}, {0}, {1}, {1}, {2}, {2}, {3}, {3}]  # 8 shards of one class each
+    shuffled = convert("shuffled")
+    assert sorted(sum(shuffled, [])) == sorted(sum(kept, []))  # every sample once
+    assert sum(len(set(shard)) > 1 for shard in shuffled) >= 6  # most shards mix classes
+    assert convert("again") == shuffled  # the default seed gives the same order again
+    assert convert("seed1", "--seed", "1") != shuffled
+
+
 def test_captions_csv_and_tsv(tmp_path):
     write(tmp_path / "imgs" / "a.jpg", jpeg_bytes())
     write(tmp_path / "imgs" / "bad.jpg", noisy_jpeg_bytes()[:300])
@@ -211,7 +269,8 @@ def test_captions_csv_and_tsv(tmp_path):
         'image,caption\nimgs/a.jpg,"a red box, small"\n' f"{absolute},a blue box\n"
         "imgs/missing.jpg,gone\nimgs/a.jpg,  \nimgs/bad.jpg,broken\n")
     out = tmp_path / "out"
-    assert M.main(["--format", "captions", "--input", str(tmp_path / "pairs.csv"), "--output", str(out)]) == 0
+    assert M.main(["--format", "captions", "--input", str(tmp_path / "pairs.csv"), "--output", str(out),
+                   "--keep_order"]) == 0
     assert [s["txt"] for s in read_shards(out)] == [b"a red box, small", b"a blue box"]
     assert index(out)["skipped"] == {"corrupt_image": 1, "empty_caption": 1, "missing_file": 1}
 

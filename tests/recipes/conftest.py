@@ -1,4 +1,5 @@
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -42,3 +43,8 @@ def run_recipe(prism_cache):
 def run_recipe_module(prism_cache):
     """``run_recipe`` for module-scoped fixtures."""
     return _recipe_runner(prism_cache)
+
+
+def summary(stdout: str) -> dict[str, str]:
+    """The "where everything is" lines a classification recipe prints last (trainers/run.py), by name."""
+    return dict(re.findall(r"^  (run_dir|checkpoint|model|encoder|top1|top5|wandb)\s+(\S+)$", stdout, flags=re.M))

@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 
 from datamodules import make_shards
 from recipes.cli import parse_config
+from tests.recipes.conftest import summary
 from datamodules.classification import ClassificationDataConfig, prepare_data
 from recipes.finetune import Config
 
@@ -21,10 +22,6 @@ CONFIGS = Path(__file__).resolve().parents[2] / "recipes" / "configs"
 STEPS_PER_EPOCH = 1281167 // 1024  # IN-1k at batch 1024: 1251
 TINY = ["--data.batch_size", "4", "--data.num_workers", "1", "--trainer.accelerator", "cpu", "--data.val_batches", "2",
         "--trainer.log_every_n_steps", "1", "--optim.warmup_steps", "1", "--model.name", "vit_tiny_patch8"]
-
-
-def summary(stdout: str) -> dict[str, str]:
-    return dict(re.findall(r"^  (run_dir|checkpoint|model|top1|top5|wandb)\s+(\S+)$", stdout, flags=re.M))
 
 
 @pytest.mark.parametrize("size, model, blr, decay, epochs, drop_path", [
@@ -93,7 +90,7 @@ def test_imagefolder_shards_feed_finetune_and_a_finished_run_only_evaluates(run_
     out = summary(first.stdout)
     assert set(out) == {"run_dir", "checkpoint", "model", "top1", "top5", "wandb"}, first.stdout + first.stderr
     assert "3 classes" in first.stderr + first.stdout
-    assert re.search(r"lr 7\.813e-06 = blr 5\.000e-04 x 4 / 256, layer decay 0\.75", first.stdout + first.stderr)
+    assert re.search(r"lr 6\.250e-05 = blr 4\.000e-03 x 4 / 256, layer decay 0\.75", first.stdout + first.stderr)
     assert out["top5"] == "100.0"  # 3 classes: the true one is always among the 5 best
     last = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
     assert last["global_step"] == 3 and last["hyper_parameters"]["model"]["num_classes"] == 3

@@ -15,16 +15,13 @@ from safetensors.torch import load_file
 
 from datamodules import make_shards
 from recipes.cli import parse_config
+from tests.recipes.conftest import summary
 from recipes.linear_probe import Config
 
 ROOT = Path(__file__).resolve().parents[2]
 COMMON = ["--data.batch_size", "4", "--data.num_workers", "1", "--trainer.accelerator", "cpu", "--data.val_batches",
           "1", "--trainer.log_every_n_steps", "1", "--optim.warmup_steps", "1", "--trainer.max_steps", "2",
           "--trainer.val_every_n_steps", "100"]  # evaluated once, by the final validate
-
-
-def summary(stdout: str) -> dict[str, str]:
-    return dict(re.findall(r"^  (run_dir|checkpoint|model|encoder|top1|top5|wandb)\s+(\S+)$", stdout, flags=re.M))
 
 
 @pytest.fixture(scope="module")
