@@ -1,0 +1,102 @@
+"""trainers.contrastive_loss against the written-out formula, open_clip's ClipLoss, and a real 2-process run."""
+
+import math
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+
+from trainers.contrastive_loss import clip_loss
+
+WORLD, PER_RANK, DIM, IN = 2, 4, 6, 5
+
+
+def test_the_loss_is_the_written_out_formula_on_hand_made_embeddings():
+    # two pairs in 2-D: image 0 at 0 degrees, image 1 at 90; text 0 at 30 degrees, text 1 at 120
+    deg = math.radians
+    images = [(1.0, 0.0), (0.0, 1.0)]
+    texts = [(math.cos(deg(30)), math.sin(deg(30))), (math.cos(deg(120)), math.sin(deg(120)))]
+    scale = 10.0
+    cos = [[sum(a * b for a, b in zip(i, t)) for t in texts] for i in images]  # cos[i][j] = <image i, text j>
+
+    def cross_entropy(rows):  # mean over rows of -log softmax at the diagonal
+        return sum(-scale * row[k] + math.log(sum(math.exp(scale * v) for v in row)) for k, row in enumerate(rows)) / 2
+
+    by_image = cross_entropy(cos)
+    by_text = cross_entropy([[cos[i][j] for i in range(2)] for j in range(2)])
+    expected = (by_image + by_text) / 2
+    got = clip_loss(torch.tensor(images, dtype=torch.float64), torch.tensor(texts, dtype=torch.float64), scale)
+    assert got.item() == pytest.approx(expected, rel=1e-12)
+    assert 0 < expected < math.log(2)  # the matching pairs are the closer ones: better than chance
+
+
+def test_equals_open_clips_clip_loss():
+    open_clip_loss = pytest.importorskip("open_clip.loss")
+    g = torch.Generator().manual_seed(0)
+    images = F.normalize(torch.randn(8, 16, generator=g, dtype=torch.float64), dim=-1)
+    texts = F.normalize(torch.randn(8, 16, generator=g, dtype=torch.float64), dim=-1)
+    scale = torch.tensor(1 / 0.07, dtype=torch.float64)
+    reference = open_clip_loss.ClipLoss()(images, texts, scale)
+    torch.testing.assert_close(clip_loss(images, texts, scale), reference, rtol=1e-12, atol=0)
+    torch.testing.assert_close(clip_loss(images, texts, scale, local_loss=True), reference, rtol=1e-12, atol=0)
+
+
+def test_features_of_different_shapes_are_an_error():
+    with pytest.raises(ValueError, match=r"same shape \(N, D\); got \(4, 8\) and \(3, 8\)"):
+        clip_loss(torch.zeros(4, 8), torch.zeros(3, 8), 1.0)
+
+
+# ---- the distributed gradients ----------------------------------------------------------------------------------
+
+def _data():
+    """A tiny two-tower model (one linear layer each) and the global batch, the same in every process."""
+    g = torch.Generator().manual_seed(1)
+    towers = {name: torch.randn(DIM, IN, generator=g, dtype=torch.float64) for name in ("image", "text")}
+    batch = {name: torch.randn(WORLD * PER_RANK, IN, generator=g, dtype=torch.float64) for name in ("image", "text")}
+    return towers, batch, math.log(1 / 0.07)
+
+
+def _loss_and_grads(towers, batch, log_scale, local_loss=False):
+    params = {name: w.clone().requires_grad_(True) for name, w in towers.items()}
+    scale = torch.tensor(log_scale, dtype=torch.float64, requires_grad=True)
+    features = {name: F.normalize(batch[name] @ params[name].T, dim=-1) for name in params}
+    loss = clip_loss(features["image"], features["text"], scale.exp(), local_loss=local_loss)
+    loss.backward()
+    return loss.detach(), {**{name: p.grad for name, p in params.items()}, "log_scale": scale.grad}
+
+
+def _rank(rank, init_file, local_loss, results):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    try:
+        towers, batch, log_scale = _data()
+        mine = {name: rows[rank * PER_RANK:(rank + 1) * PER_RANK] for name, rows in batch.items()}
+        loss, grads = _loss_and_grads(towers, mine, log_scale, local_loss)
+        for grad in grads.values():  # what DDP does to every parameter's gradient
+            dist.all_reduce(grad)
+            grad /= WORLD
+        results[rank] = {"loss": loss, **grads}
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("local_loss", [False, True])
+def test_two_ranks_give_the_full_batch_loss_and_after_averaging_its_gradients(local_loss, tmp_path):
+    towers, batch, log_scale = _data()
+    full_loss, full_grads = _loss_and_grads(towers, batch, log_scale)
+    with mp.Manager() as manager:
+        results = manager.dict()
+        mp.spawn(_rank, args=(str(tmp_path / "init"), local_loss, results), nprocs=WORLD, join=True)
+        results = dict(results)
+    losses = [results[r]["loss"] for r in range(WORLD)]
+    if local_loss:  # each rank its own rows: the ranks' mean is the full-batch loss, and they differ
+        torch.testing.assert_close(sum(losses) / WORLD, full_loss, rtol=1e-12, atol=0)
+        assert not torch.equal(losses[0], losses[1])
+    else:  # the full-batch loss on every rank
+        for loss in losses:
+            torch.testing.assert_close(loss, full_loss, rtol=1e-12, atol=0)
+    for rank in range(WORLD):
+        for name, grad in full_grads.items():
+            torch.testing.assert_close(results[rank][name], grad, rtol=1e-10, atol=1e-14, msg=lambda m: f"{name}: {m}")
+    assert full_grads["image"].abs().max() > 1e-3  # the comparison is of gradients that are there
