@@ -187,11 +187,12 @@ class Setup:
         return self.method.module if self.runs_left == 0 else copy.deepcopy(self.method.module)
 
 
-def lightning_trainer(cfg: Config, trainer_cfg: TrainerConfig, run_dir: Path, device: torch.device,
-                      flops_per_image: float | None = None) -> tuple[L.Trainer, StepTimer]:
-    """A Trainer as the recipes build it, with their callbacks as they configure them, plus the step timer."""
+def lightning_trainer(cfg: Config, trainer_cfg: TrainerConfig, run_dir: Path,
+                      device: torch.device) -> tuple[L.Trainer, StepTimer]:
+    """A Trainer as the recipes build it, with their callbacks as they configure them, plus the step timer. As in
+    the recipes, the ThroughputLogger learns the model's FLOP count once the model exists (``lightning_run``)."""
     peak = get_available_flops(device, torch.bfloat16) if device.type == "cuda" else None
-    callbacks: list = [ThroughputLogger(cfg.batch_size, trainer_cfg.log_every_n_steps, flops_per_image, peak)]
+    callbacks: list = [ThroughputLogger(cfg.batch_size, trainer_cfg.log_every_n_steps, None, peak)]
     if cfg.trainer == "mae":  # rendered once, after the last step
         callbacks.append(ImagePanelLogger(run_dir / "lightning" / "images", trainer_cfg.max_steps + 1, IMAGENET_MEAN,
                                           IMAGENET_STD))
@@ -204,9 +205,8 @@ def lightning_trainer(cfg: Config, trainer_cfg: TrainerConfig, run_dir: Path, de
 
 def lightning_run(setup: Setup, repeat: int, built: tuple[L.Trainer, StepTimer] | None = None) -> Run:
     cfg = setup.cfg
-    trainer, timer = built or lightning_trainer(cfg, setup.trainer_cfg, setup.run_dir, setup.device,
-                                                setup.flops["train_flops_per_image"])
-    for callback in trainer.callbacks:  # the first Trainer is built before the model, and its count, exist
+    trainer, timer = built or lightning_trainer(cfg, setup.trainer_cfg, setup.run_dir, setup.device)
+    for callback in trainer.callbacks:
         if isinstance(callback, ThroughputLogger):
             callback.flops_per_sample = setup.flops["train_flops_per_image"]
     data = ({"train_dataloaders": RepeatedBatch(setup.batch, setup.total)} if setup.batch is not None

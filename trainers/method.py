@@ -69,7 +69,7 @@ class Method(L.LightningModule):
         raise NotImplementedError(f"{type(self).__name__} must implement param_groups()")
 
     def training_metrics(self) -> dict[str, float]:
-        """Scalars logged with the loss at each step (host values: logging them costs no device sync)."""
+        """Scalars logged with the loss on the logging steps (host values: logging them costs no device sync)."""
         return {}
 
     def init_from(self, source) -> list[str]:

@@ -75,17 +75,17 @@ def run(cfg, config_yaml: str, method: Callable[[float], Method], datamodule: L.
         rank_zero_warn(module.warn_without_init)
     trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume) if resume else None)
 
-    if not fit_outcome(trainer).finished:  # preempted, or stopped by the guard: nothing to evaluate or export yet
+    outcome = fit_outcome(trainer)
+    if not outcome.finished:  # preempted, or stopped by the guard: nothing to evaluate or export yet
         close_wandb(trainer)  # first: a requeue kills this job's processes, W&B's writer among them
         for callback in trainer.callbacks:
             if isinstance(callback, PreemptionHandler):
                 callback.requeue_if_asked(trainer)
-        outcome = fit_outcome(trainer)
+        outcome = fit_outcome(trainer)  # again: its message says whether the job was requeued
         rank_zero_info(outcome.message)
         if outcome.exit_code:
             raise SystemExit(outcome.exit_code)
         return {}
-    outcome = fit_outcome(trainer)
     metrics = trainer.validate(module, datamodule=datamodule, verbose=False)[0] if validate else {}
     if not trainer.is_global_zero:
         return {}
