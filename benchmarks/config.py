@@ -10,13 +10,15 @@ from trainers.build import STRATEGIES
 @dataclass
 class ModelChoice:
     name: str | None = None
-    """Registered model; None: mae_vit_tiny_patch8 for --trainer mae, vit_tiny_patch8 for finetune and swag."""
+    """Registered model; None: mae_vit_tiny_patch8 for --trainer mae, vit_tiny_patch8 for finetune and swag,
+    pe_core_nano for pe."""
 
 
 @dataclass
 class Config:
-    trainer: Literal["mae", "finetune", "swag", "none"] = "mae"
-    """The LightningModule: mae (MAEPretraining), finetune (ImageClassification), swag (WeaklySupervisedPretraining);
+    trainer: Literal["mae", "finetune", "swag", "pe", "none"] = "mae"
+    """The LightningModule: mae (MAEPretraining), finetune (ImageClassification), swag (WeaklySupervisedPretraining),
+    pe (ContrastivePretraining, image-caption pairs);
     none: only the loader benchmark (datamodule against raw decode, per worker count)."""
     model: ModelChoice = field(default_factory=ModelChoice)
     """The model; everything else (mask ratio, pooling, augmentation, optimizer) is the method's default."""

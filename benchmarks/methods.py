@@ -14,17 +14,20 @@ from lightning.pytorch import LightningDataModule
 
 from benchmarks.config import Config
 from datamodules import IMAGENET_MEAN, IMAGENET_STD
+from datamodules.captions import CaptionDataConfig, caption_datamodule
 from datamodules.classification import ClassificationDataConfig, prepare_data
 from datamodules.hashtags import VOCABULARY_FILE, HashtagDataConfig, ensure_vocabulary, hashtag_datamodule
 from datamodules.sharded import DataConfig, ShardedDataModule, resolve_shards
 from datamodules.transforms import eval_transform, finetune_train_transform, mae_train_transform
 from trainers.classification import (AugmentConfig, ClassifierConfig, EMAConfig, FinetuneOptimConfig,
                                      ImageClassification, classifier_kwargs)
+from trainers.contrastive import ContrastiveOptimConfig, ContrastivePretraining
 from trainers.mae import MAEModelConfig, MAEPretraining
 from trainers.optim import OptimConfig, resolve_lr
 from trainers.weakly_supervised import WeaklySupervisedPretraining, WSPOptimConfig
 
-DEFAULT_MODELS = {"mae": "mae_vit_tiny_patch8", "finetune": "vit_tiny_patch8", "swag": "vit_tiny_patch8"}
+DEFAULT_MODELS = {"mae": "mae_vit_tiny_patch8", "finetune": "vit_tiny_patch8", "swag": "vit_tiny_patch8",
+                  "pe": "pe_core_nano"}
 
 
 class Method(NamedTuple):
@@ -70,7 +73,14 @@ def swag(cfg: Config, name: str, data: DataConfig, total: int, run_dir: Path) ->
     return Method(module, data, lambda: hashtag_datamodule(data, vocabulary, seed=cfg.seed), {"vocab": vocab})
 
 
-METHODS = {"mae": mae, "finetune": finetune, "swag": swag}
+def pe(cfg: Config, name: str, data: DataConfig, total: int, run_dir: Path) -> Method:
+    data, optim = CaptionDataConfig(**asdict(data)), ContrastiveOptimConfig()
+    module = ContrastivePretraining({"name": name}, asdict(optim), resolve_lr(optim, cfg.batch_size), total,
+                                    image_size=cfg.image_size)
+    return Method(module, data, lambda: caption_datamodule(data, cfg.seed), {"context_length": data.context_length})
+
+
+METHODS = {"mae": mae, "finetune": finetune, "swag": swag, "pe": pe}
 
 
 def build_method(cfg: Config, total: int, run_dir: Path) -> tuple[str, Method]:

@@ -27,6 +27,7 @@ from benchmarks.measure import PeakMemory, StepClock, StepTimer, how_measured, m
 from benchmarks.methods import Method, build_method
 from benchmarks.report import LOOPS, Run, benchmark_report, flop_count, format_report
 from datamodules import IMAGENET_MEAN, IMAGENET_STD
+from datamodules.text import END_TOKEN
 from trainers.build import LoggingConfig, TrainerConfig, build_trainer, resolve_precision
 from trainers.callbacks import ImagePanelLogger, StepCheckpoint, ThroughputLogger
 from trainers.checkpoint import CHECKPOINT_DIR
@@ -52,12 +53,18 @@ class RepeatedBatch:
 
 
 def synthetic_batch(batch_size: int, image_size: int, device: torch.device | str, *, seed: int = 0,
-                    num_classes: int | None = None, vocab: Sequence[str] | None = None) -> dict:
+                    num_classes: int | None = None, vocab: Sequence[str] | None = None,
+                    context_length: int | None = None) -> dict:
     """A random batch in the batch contract (batch_contract/__init__.py), made once on ``device``: ``image``
     standard normal (as normalised pixels), ``label`` when ``num_classes`` is given, ``hashtags`` (1 to 3 tags of
-    ``vocab`` per image) when ``vocab`` is."""
+    ``vocab`` per image) when ``vocab`` is, ``text_tokens`` (random ids, CLIP's end token last) and ``text_mask``
+    of ``context_length`` when that is."""
     gen = torch.Generator().manual_seed(seed)
     batch: dict = {"image": torch.randn(batch_size, 3, image_size, image_size, generator=gen)}
+    if context_length is not None:
+        tokens = torch.randint(1, END_TOKEN, (batch_size, context_length), generator=gen)
+        tokens[:, -1] = END_TOKEN  # the text tower pools at the end token, the largest id
+        batch["text_tokens"], batch["text_mask"] = tokens, torch.ones_like(tokens, dtype=torch.bool)
     if num_classes is not None:
         batch["label"] = torch.randint(num_classes, (batch_size,), generator=gen)
     if vocab is not None:
@@ -138,6 +145,7 @@ def plain_loop(module: L.LightningModule, batches: Iterable[dict], steps: int, d
         optimizer.zero_grad(set_to_none=True)
         if scheduler is not None:
             scheduler.step()
+        module.after_optimizer_step()  # as Lightning runs it (PE clamps its temperature)
     timer.mark()
     return timer.step_ms()
 

@@ -514,9 +514,10 @@ def _worker_init(worker_id: int) -> None:
 
 def _worker_context():
     context = multiprocessing.get_context("forkserver")
-    # The server imports the stream and transform code (torch, torchvision, PIL) once; each worker
-    # forked from it starts warm instead of paying those imports at every epoch.
-    context.set_forkserver_preload([__name__, "datamodules.transforms", "datamodules._worker_signals"])
+    # The server imports the stream and transform code (torch, torchvision, PIL, the caption tokenizer's open_clip)
+    # once; each worker forked from it starts warm instead of paying those imports at every epoch.
+    context.set_forkserver_preload([__name__, "datamodules.transforms", "datamodules.text",
+                                    "datamodules._worker_signals"])
     return context
 
 

@@ -217,6 +217,11 @@ def _with_article(phrase: str) -> str:
     return ("an " if phrase[0] in "aeiou" else "a ") + phrase
 
 
+CAPTION_TEMPLATES = ("a large {}", "a {}", "a large {} on a background")
+"""Zero-shot prompts worded as ``caption`` words its captions ("a large red striped circle and a small ... on a plain
+blue background"), '{}' being a class name: the prompt set for this world, as CLIP writes one per dataset."""
+
+
 def caption(scene: Scene) -> str:
     parts = [_with_article(" ".join(w for w in ("large" if i == 0 else "small", o.colour,
                                                  _TEXTURE_WORD[o.texture], CLASS_NAMES[o.label]) if w))

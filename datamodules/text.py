@@ -15,6 +15,8 @@ from open_clip.tokenizer import SimpleTokenizer
 
 PE_CORE_CONTEXT = 32
 """Perception Encoder Core's text context (PE-Core-T/S/B/L; G uses 72)."""
+END_TOKEN = 49407
+"""The id of ``<end_of_text>``, the last of the vocabulary's 49408 entries (synthetic batches end with it)."""
 
 
 class CaptionTokenizer:

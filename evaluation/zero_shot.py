@@ -61,23 +61,48 @@ def zero_shot_classification(encode_image: Callable[[Tensor], Tensor], batches: 
 
 
 def retrieval_recall(image_embeds: Tensor, text_embeds: Tensor, text_to_image: Sequence[int] | Tensor,
-                     ks: Sequence[int] = (1, 5, 10)) -> dict[str, float]:
+                     ks: Sequence[int] = (1, 5, 10), *, reweight: bool = False, reweight_scale: float = 1.0,
+                     texts: Sequence[str] | None = None) -> dict[str, float]:
     """Recall@k (percent) both ways for N images (N, D) and M captions (M, D); caption j describes image
-    ``text_to_image[j]``. Keys: ``image_to_text_R@k`` and ``text_to_image_R@k``."""
+    ``text_to_image[j]``. Keys: ``image_to_text_R@k`` and ``text_to_image_R@k``.
+
+    ``reweight``: Perception Encoder's retrieval scores (perception_models apps/pe/clip_benchmark/metrics/
+    zeroshot_retrieval.py, on by default there): each similarity s is multiplied by the softmax of
+    ``reweight_scale * s`` over the candidates' competitors (over texts for ranking images, over images for ranking
+    texts), which favours pairs that are each other's best match. ``texts``: the captions' strings; identical
+    captions then share their images as positives (clip_benchmark does the same), so that retrieving a caption
+    written the same way for another image counts.
+    """
     owner = torch.as_tensor(text_to_image, dtype=torch.long, device=image_embeds.device)
     n_images, n_texts = image_embeds.shape[0], text_embeds.shape[0]
     if owner.shape != (n_texts,) or (owner < 0).any() or (owner >= n_images).any():
         raise ValueError(f"text_to_image must give, for each of the {n_texts} captions, an image index in "
                          f"[0, {n_images}); got shape {tuple(owner.shape)}")
-    sim = F.normalize(image_embeds.float(), dim=-1) @ F.normalize(text_embeds.float(), dim=-1).T  # (N, M)
+    if texts is not None and len(texts) != n_texts:
+        raise ValueError(f"texts has {len(texts)} captions, text_embeds {n_texts}")
+    positive = torch.zeros(n_texts, n_images, dtype=torch.bool, device=owner.device)  # (M, N)
+    positive[torch.arange(n_texts, device=owner.device), owner] = True
+    if texts is not None:
+        same: dict[str, list[int]] = {}
+        for j, text in enumerate(texts):
+            same.setdefault(text, []).append(j)
+        for rows in (r for r in same.values() if len(r) > 1):
+            positive[rows] = positive[rows].any(dim=0)
+    sim = F.normalize(text_embeds.float(), dim=-1) @ F.normalize(image_embeds.float(), dim=-1).T  # (M, N)
+    ranks_images, ranks_texts = sim, sim.T
+    if reweight:
+        ranks_images = reweight_scale * sim
+        ranks_images = ranks_images * ranks_images.softmax(dim=0)  # over texts, for each image
+        ranks_texts = reweight_scale * sim.T
+        ranks_texts = ranks_texts * ranks_texts.softmax(dim=0)  # over images, for each text
     out = {}
     for k in ks:
-        # image -> text: is any of the image's captions among its k best texts?
-        top_texts = sim.topk(min(k, n_texts), dim=1).indices  # (N, k)
-        hit_i2t = (owner[top_texts] == torch.arange(n_images, device=sim.device)[:, None]).any(dim=1)
+        # image -> text: is a caption of the image among its k best texts?
+        top_texts = ranks_texts.topk(min(k, n_texts), dim=1).indices  # (N, k)
+        hit_i2t = positive.T.gather(1, top_texts).any(dim=1)
         # text -> image: is the caption's image among its k best images?
-        top_images = sim.T.topk(min(k, n_images), dim=1).indices  # (M, k)
-        hit_t2i = (top_images == owner[:, None]).any(dim=1)
+        top_images = ranks_images.topk(min(k, n_images), dim=1).indices  # (M, k)
+        hit_t2i = positive.gather(1, top_images).any(dim=1)
         out[f"image_to_text_R@{k}"] = 100.0 * hit_i2t.float().mean().item()
         out[f"text_to_image_R@{k}"] = 100.0 * hit_t2i.float().mean().item()
     return out

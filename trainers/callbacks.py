@@ -1,5 +1,5 @@
-"""Callbacks shared by every method: checkpoint cadence, the data position, throughput, image panels, clean shutdown,
-speed options."""
+"""Callbacks shared by every method: checkpoint cadence, the data position, throughput, image panels, retrieval
+panels, clean shutdown, speed options."""
 
 import contextlib
 import functools
@@ -142,6 +142,33 @@ class ImagePanelLogger(Callback):
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):
                 logger.log_image("images/panels", [grid], step=trainer.global_step, caption=[caption])
+
+
+class RetrievalPanelLogger(Callback):
+    """After each validation, the method's ``retrieval_examples`` (images with their best captions) as a W&B image
+    panel ``val/retrieval`` and as ``<out_dir>/retrieval-stepNNNNNN.png`` with the captions in a ``.txt`` beside it."""
+
+    def __init__(self, out_dir: str | Path, mean, std):
+        self.out_dir = Path(out_dir)
+        self.mean = torch.tensor(mean).view(3, 1, 1)
+        self.std = torch.tensor(std).view(3, 1, 1)
+        self.last_path: Path | None = None
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        examples = getattr(pl_module, "retrieval_examples", None)
+        if not trainer.is_global_zero or not examples or trainer.sanity_checking:
+            return
+        images = [(image.float() * self.std + self.mean).clamp(0, 1) for image, _ in examples]
+        if images[0].ndim == 4:  # a video: its middle frame
+            images = [frames[len(frames) // 2] for frames in images]
+        captions = [" | ".join(f"{rank}. {text}" for rank, text in enumerate(texts, 1)) for _, texts in examples]
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.last_path = self.out_dir / f"retrieval-step{trainer.global_step:06d}.png"
+        save_image(make_grid(images, nrow=len(images), padding=1), self.last_path)
+        self.last_path.with_suffix(".txt").write_text("\n".join(captions) + "\n")
+        for logger in trainer.loggers:
+            if isinstance(logger, WandbLogger):
+                logger.log_image("val/retrieval", images, step=trainer.global_step, caption=captions)
 
 
 def _full_weights(trainer: L.Trainer):

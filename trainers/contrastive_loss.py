@@ -56,15 +56,18 @@ def gather_with_grad(local: torch.Tensor) -> torch.Tensor:
 
 
 def clip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor | float, *,
-              local_loss: bool = False) -> torch.Tensor:
+              local_loss: bool = False, gather: bool = True) -> torch.Tensor:
     """The symmetric InfoNCE loss of N matching (image, text) feature rows, with the negatives of every rank.
 
     See the module docstring for the conventions; the features should be L2-normalised (the loss does not
-    normalise them, as neither CLIP nor open_clip does inside the loss)."""
+    normalise them, as neither CLIP nor open_clip does inside the loss). ``gather=False``: this rank's pairs only,
+    with no collective (validation, where ranks may hold different numbers of pairs)."""
     if image_features.shape != text_features.shape or image_features.ndim != 2:
         raise ValueError(f"clip_loss needs image and text features of the same shape (N, D); got "
                          f"{tuple(image_features.shape)} and {tuple(text_features.shape)}")
-    all_images, all_texts = gather_with_grad(image_features), gather_with_grad(text_features)
+    all_images, all_texts = image_features, text_features
+    if gather:
+        all_images, all_texts = gather_with_grad(image_features), gather_with_grad(text_features)
     if local_loss:
         # This rank's rows sit at [rank * N, (rank + 1) * N) of the gathered batch.
         rank = dist.get_rank() if all_images.shape[0] > image_features.shape[0] else 0

@@ -6,8 +6,9 @@ A subclass implements
 - ``compute_loss(batch) -> Tensor``: the training loss of one batch, without logging (a plain PyTorch loop
   calls the same function: benchmarks/training.py);
 - ``param_groups() -> list[dict]``: the optimizer's parameter groups (weight decay, layer-decay ``lr_scale``);
-- optionally ``training_metrics()``: more scalars to log with the loss, and ``init_from(source)``: how an
-  earlier stage's weights initialise the method.
+- optionally ``training_metrics()``: more scalars to log with the loss, ``init_from(source)``: how an
+  earlier stage's weights initialise the method, and ``after_optimizer_step()``: a change to the weights after
+  each step.
 
 and declares ``batch_keys``: the keys of the batch contract (``batch``) that its steps read.
 """
@@ -75,6 +76,13 @@ class Method(L.LightningModule):
     def init_from(self, source) -> list[str]:
         """Initialise from an earlier stage (``trainers.handoff.init_backbone``); returns what was done, in lines."""
         return init_backbone(self.model, source)
+
+    def after_optimizer_step(self) -> None:
+        """What the method does to its weights after each optimizer step (PE clamps its temperature). Lightning runs
+        it from ``on_before_zero_grad``, which follows every optimizer step; a plain loop calls it itself."""
+
+    def on_before_zero_grad(self, optimizer) -> None:
+        self.after_optimizer_step()
 
     # -- the shared step and optimizer -----------------------------------------------------------------------
     def training_step(self, batch, batch_idx):

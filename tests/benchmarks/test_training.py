@@ -10,6 +10,7 @@ from benchmarks import measure
 from benchmarks import training as bench
 from trainers.build import LoggingConfig, TrainerConfig, build_trainer
 from trainers.classification import ImageClassification
+from trainers.contrastive import ContrastivePretraining
 from trainers.mae import MAEPretraining
 from trainers.weakly_supervised import WeaklySupervisedPretraining
 
@@ -62,12 +63,14 @@ def _module(kind: str):
     if kind == "finetune":  # mixup/CutMix (numpy), random erasing (python random), drop path (torch), layer decay
         return ImageClassification({"name": "vit_tiny_patch8", **TINY, "num_classes": 5, "global_pool": "avg",
                                     "drop_path_rate": 0.1}, optim, 1e-3, STEPS), {"num_classes": 5}
+    if kind == "pe":  # text tokens in the batch; the temperature's clamp after each step
+        return ContrastivePretraining({"name": "pe_core_nano"}, optim, 1e-3, STEPS), {"context_length": 32}
     vocab = [f"tag{i}" for i in range(6)]  # hashtag targets built on the host
     return WeaklySupervisedPretraining({"name": "vit_tiny_patch8", **TINY, "num_classes": 6}, optim, 1e-3, STEPS,
                                        vocab=vocab), {"vocab": vocab}
 
 
-@pytest.mark.parametrize("kind", ["mae", "finetune", "swag"])
+@pytest.mark.parametrize("kind", ["mae", "finetune", "swag", "pe"])
 def test_plain_loop_makes_the_same_weights_as_lightning(kind, tmp_path):
     module, extra = _module(kind)
     plain = copy.deepcopy(module)

@@ -47,3 +47,11 @@ def test_texts_that_must_fit_are_checked_before_compute():
         tokenizer.check_fits(["a cat", "a blurry photo of a cat"], "the template")
     with pytest.raises(ValueError, match="context of 2 tokens cannot hold a caption"):
         CaptionTokenizer(2)
+
+
+def test_the_end_token_constant_is_the_vocabularys():
+    from datamodules.text import END_TOKEN
+
+    tokenizer = CaptionTokenizer()
+    assert tokenizer.eot_token_id == END_TOKEN
+    assert tokenizer("a cat")[0][0, 3].item() == END_TOKEN  # [SOT] a cat [EOT]

@@ -75,3 +75,34 @@ def test_bad_inputs_are_explained():
         class_embeddings(toy_text_encoder, ["cat"], templates=("no slot",))
     with pytest.raises(ValueError, match="image index"):
         retrieval_recall(torch.eye(2), torch.eye(2), [0, 5])
+
+
+def _at(*degrees: float) -> torch.Tensor:
+    """Unit vectors in the plane at the given angles: cosines are then cos(angle differences)."""
+    angles = torch.tensor(degrees) * torch.pi / 180
+    return torch.stack([angles.cos(), angles.sin()], dim=1)
+
+
+def test_retrieval_reweighting_hand_example():
+    # images at 0 and 60 degrees; caption 0 (of image 0) at -25, caption 1 (of image 1) at 20.
+    # cosines (text x image): t0: .906, .087; t1: .940, .766
+    images, texts = _at(0, 60), _at(-25, 20)
+    plain = retrieval_recall(images, texts, [0, 1], ks=(1,))
+    # image 0 prefers t1 (.940 > .906): miss; text 1 prefers image 0 (.940 > .766): miss
+    assert plain["image_to_text_R@1"] == pytest.approx(50.0)
+    assert plain["text_to_image_R@1"] == pytest.approx(50.0)
+    # x10 then s * softmax(s): t1's column over images is softmax(9.40, 7.66) = (.851, .149), t0's (.9997, .0003),
+    # so image 0 scores t0 9.06 x .9997 = 9.06 above t1 9.40 x .851 = 8.00; image 0's column over texts is
+    # softmax(9.06, 9.40) = (.416, .584) and image 1's (.001, .999), so text 1 scores image 1 7.65 above image 0 5.49.
+    reweighted = retrieval_recall(images, texts, [0, 1], ks=(1,), reweight=True, reweight_scale=10.0)
+    assert reweighted["image_to_text_R@1"] == pytest.approx(100.0)
+    assert reweighted["text_to_image_R@1"] == pytest.approx(100.0)
+
+
+def test_identical_captions_share_their_images():
+    images, texts = _at(0, 10), _at(2, 2)  # the same caption written for two images, both nearer image 0
+    apart = retrieval_recall(images, texts, [0, 1], ks=(1,))
+    assert apart["text_to_image_R@1"] == pytest.approx(50.0)  # caption 1 finds image 0, not its own
+    merged = retrieval_recall(images, texts, [0, 1], ks=(1,), texts=["a red circle", "a red circle"])
+    assert merged["text_to_image_R@1"] == pytest.approx(100.0)
+    assert merged["image_to_text_R@1"] == pytest.approx(100.0)

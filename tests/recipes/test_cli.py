@@ -4,6 +4,7 @@ import importlib
 from pathlib import Path
 
 import pytest
+import torch
 
 import models
 
@@ -37,7 +38,8 @@ def test_dotted_overrides_and_print_config(capsys):
 
 # The recipe a shipped config is for, by the start of its file name (the longest match wins).
 RECIPE_BY_PREFIX = {"mae_": "mae_prepretrain", "maws_mae_": "mae_prepretrain", "swag_": "swag_pretrain",
-                    "finetune_": "finetune", "linear_probe_": "linear_probe", "maws_vit_": "maws"}
+                    "finetune_": "finetune", "linear_probe_": "linear_probe", "maws_vit_": "maws",
+                    "pe_core_": "pe_pretrain"}
 
 
 def _recipe_of(path: Path):
@@ -54,6 +56,21 @@ def test_every_shipped_config_parses(path):
     for stage in stages:
         assert stage.model.name in models.list_models(), f"{path.name}: unknown model {stage.model.name}"
         assert stage.trainer.max_steps > 1000 and stage.data.image_size >= 224
+
+
+def test_shipped_pe_configs_have_the_published_settings():
+    """LAMB at 2e-3, a 64K global batch, progressive resolution ending at the model's native size (Bolya et al.)."""
+    for path in CONFIGS:
+        if _recipe_of(path).__name__ == "recipes.pe_pretrain":
+            cfg, _ = parse_config(_recipe_of(path).Config, ["--config", str(path)])
+            assert (cfg.optim.name, cfg.optim.lr) == ("lamb", 2e-3), path.name
+            assert cfg.data.batch_size * cfg.trainer.devices * cfg.trainer.num_nodes == 65536, path.name
+            with torch.device("meta"):
+                native = models.create(cfg.model.name).cfg.image_size
+            sizes = [size for _, size in cfg.resolution]
+            assert sizes == sorted(sizes) and sizes[-1] == cfg.data.image_size == native, path.name
+            patch = 14 if cfg.model.name == "pe_core_large" else 16
+            assert all(size % patch == 0 for size in sizes), path.name
 
 
 def test_shipped_mae_configs_have_the_paper_settings():

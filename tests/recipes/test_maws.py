@@ -13,7 +13,7 @@ from ..wandb_offline import records
 
 pytestmark = pytest.mark.slow
 
-STAGE_KINDS = ("mae", "swag", "finetune", "linear_probe")
+STAGE_KINDS = ("mae", "swag", "finetune", "linear_probe", "lit")
 
 
 def _tiny(kind: str) -> list[str]:
@@ -54,11 +54,16 @@ def test_pipeline_runs_every_stage_from_its_predecessor_then_skips_finished_ones
     table = (run_dir / "results.md").read_text()
     rows = _table_rows(table)
     assert list(rows) == [arm for arm, *_ in ARMS]
-    for arm, _, finetune_stage, probe_stage, _ in ARMS:
+    for arm, _, finetune_stage, probe_stage, _, lit_stage in ARMS:
         top1 = json.loads((run_dir / finetune_stage / "stage.json").read_text())["top1"]
         assert rows[arm][1] == f"{top1:.1f}" and 0 <= top1 <= 100
         if probe_stage:
             assert rows[arm][2] == f"{json.loads((run_dir / probe_stage / 'stage.json').read_text())['top1']:.1f}"
+        if lit_stage:  # zero-shot through a text tower trained against the stage's frozen trunk
+            zero_shot = json.loads((run_dir / lit_stage / "stage.json").read_text())["zero_shot_top1"]
+            assert rows[arm][4] == f"{zero_shot:.1f}" and 0 <= zero_shot <= 100
+    lit_log = (run_dir / "lit_mae_swag" / "config.yaml").read_text()
+    assert "lock_image: true" in lit_log and "image_tower: vit_tiny_patch16" in lit_log
     assert table in first.stdout
 
     # killed after its training but before it was recorded: that stage resumes (and trains no more), the rest skip

@@ -76,7 +76,10 @@ def _rank(rank, init_file, local_loss, results):
         for grad in grads.values():  # what DDP does to every parameter's gradient
             dist.all_reduce(grad)
             grad /= WORLD
-        results[rank] = {"loss": loss, **grads}
+        # gather=False: this rank's pairs only, and no collective, so ranks may hold different numbers of them
+        uneven = {name: F.normalize(rows[: rank + 2] @ towers[name].T, dim=-1) for name, rows in mine.items()}
+        alone = clip_loss(uneven["image"], uneven["text"], math.exp(log_scale), gather=False)
+        results[rank] = {"loss": loss, **grads, "alone": alone}
     finally:
         dist.destroy_process_group()
 
@@ -97,6 +100,10 @@ def test_two_ranks_give_the_full_batch_loss_and_after_averaging_its_gradients(lo
         for loss in losses:
             torch.testing.assert_close(loss, full_loss, rtol=1e-12, atol=0)
     for rank in range(WORLD):
+        rows = {name: F.normalize(batch[name][rank * PER_RANK:rank * PER_RANK + rank + 2] @ towers[name].T, dim=-1)
+                for name in towers}
+        expected = clip_loss(rows["image"], rows["text"], math.exp(log_scale))  # one process: nothing to gather
+        torch.testing.assert_close(results[rank]["alone"], expected, rtol=1e-12, atol=0)
         for name, grad in full_grads.items():
             torch.testing.assert_close(results[rank][name], grad, rtol=1e-10, atol=1e-14, msg=lambda m: f"{name}: {m}")
     assert full_grads["image"].abs().max() > 1e-3  # the comparison is of gradients that are there
