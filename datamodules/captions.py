@@ -26,7 +26,6 @@ import io
 import itertools
 import json
 import re
-import tarfile
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
@@ -39,7 +38,7 @@ from torchvision.transforms.v2 import functional as TF
 from .classification import classes_beside
 from .sharded import DataConfig, ShardedDataModule, resolve_shards
 from .shards import expand_shards
-from .streams import ShardReader, _open_shard
+from .streams import ShardReader, json_members
 from .text import PE_CORE_CONTEXT, CaptionTokenizer
 from .transforms import CROP_RATIO
 
@@ -424,20 +423,13 @@ def check_caption_shards(cfg: CaptionDataConfig, video: bool = False) -> None:
 def _sample_metas(url: str) -> Iterator[dict]:
     """The parsed ``.json`` of each sample of a shard, read as a stream (images are skipped, not decoded); a json
     that does not parse is skipped (training counts it as corrupt)."""
-    stream = _open_shard(url)
-    try:
-        with tarfile.open(fileobj=stream, mode="r|*") as tar:
-            for member in tar:
-                if not (member.isfile() and member.name.endswith(".json")):
-                    continue
-                try:
-                    meta = json.loads(tar.extractfile(member).read())
-                except ValueError:
-                    continue
-                if isinstance(meta, dict):
-                    yield meta
-    finally:
-        stream.close()
+    for _, raw in json_members(url):
+        try:
+            meta = json.loads(raw)
+        except ValueError:
+            continue
+        if isinstance(meta, dict):
+            yield meta
 
 
 def _names_in_label_order(by_label: dict[int, str], where: str) -> list[str]:

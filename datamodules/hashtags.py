@@ -17,7 +17,6 @@ import logging
 import multiprocessing
 import os
 import re
-import tarfile
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
@@ -31,7 +30,7 @@ from tqdm import tqdm
 from . import IMAGENET_MEAN, IMAGENET_STD
 from .sharded import DataConfig, ShardedDataModule
 from .shards import expand_shards
-from .streams import _open_shard, derive_seed
+from .streams import derive_seed, json_members
 from .transforms import BICUBIC, eval_pil_transform
 
 log = logging.getLogger(__name__)
@@ -169,24 +168,12 @@ def zero_shot_class_map(vocabulary: Vocabulary, class_hashtags: str = "names") -
     return mapping
 
 
-def _json_members(url: str) -> Iterable[tuple[str, bytes]]:
-    """(member name, bytes) of the .json members of a tar shard, read as a stream; other members are skipped."""
-    stream = _open_shard(url)
-    try:
-        with tarfile.open(fileobj=stream, mode="r|*") as tar:
-            for member in tar:
-                if member.isfile() and member.name.endswith(".json"):
-                    yield member.name, tar.extractfile(member).read()
-    finally:
-        stream.close()
-
-
 def _count_shard(url: str, limit: int | None = None) -> tuple[Counter, int, dict[int, str]]:
     """(tag counts, samples read, class index -> name) of one shard; each tag counts once per sample."""
     counts: Counter = Counter()
     classes: dict[int, str] = {}
     samples = 0
-    for name, raw in _json_members(url):
+    for name, raw in json_members(url):
         if limit is not None and samples >= limit:
             break
         try:

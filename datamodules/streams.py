@@ -25,6 +25,7 @@ import itertools
 import logging
 import multiprocessing
 import random
+import tarfile
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from urllib.parse import urlparse
@@ -155,6 +156,19 @@ def _open_shard(url: str):
     import fsspec  # s3://, gs://, ...: whatever fsspec backend is installed
 
     return fsspec.open(url, "rb").open()
+
+
+def json_members(url: str) -> Iterator[tuple[str, bytes]]:
+    """(member name, bytes) of the .json members of a tar shard, read as a stream; other members are skipped
+    (images are not even read into memory)."""
+    stream = _open_shard(url)
+    try:
+        with tarfile.open(fileobj=stream, mode="r|*") as tar:
+            for member in tar:
+                if member.isfile() and member.name.endswith(".json"):
+                    yield member.name, tar.extractfile(member).read()
+    finally:
+        stream.close()
 
 
 # ----------------------------------------------------------------------------------------------------

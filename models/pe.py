@@ -116,14 +116,6 @@ class PEVisionTower(nn.Module):
         super().__init__()
         self.trunk = _vision_trunk(cfg)  # the name open_clip's TimmModel gives it
 
-    @property
-    def patch_size(self) -> int:
-        return self.trunk.patch_embed.patch_size[0]
-
-    @property
-    def width(self) -> int:
-        return self.trunk.embed_dim
-
     def forward(self, images: Tensor) -> Tensor:
         return self.trunk(images)
 

@@ -3,8 +3,9 @@ locked-image tuning (LiT, Zhai et al. 2022), which MAWS (Singh et al. 2023) uses
 
 Batches carry ``image`` (B, 3, H, W) or ``frames`` (B, T, 3, H, W) and ``text_tokens`` (B, L). The loss is
 :func:`trainers.contrastive_loss.clip_loss` over the global batch. Validation batches may carry ``label``: the
-epoch then ends with zero-shot classification (class embeddings from prompt templates, logits 100 x cosine) and
-image-text retrieval both ways, with plain cosine and with PE's reweighted scores.
+epoch then ends with zero-shot classification (class embeddings from prompt templates, ranked by cosine, as PE's
+logits of 100 x cosine rank them) and image-text retrieval both ways, with plain cosine and with PE's reweighted
+scores.
 """
 
 from __future__ import annotations
@@ -16,19 +17,17 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
-from timm.optim import Lamb
 from torch import Tensor
+from torchmetrics.utilities.distributed import gather_all_tensors
 
 import models
-from evaluation.classification import topk_correct
-from evaluation.zero_shot import DEFAULT_TEMPLATES, class_embeddings, retrieval_recall, zero_shot_logits
+from evaluation.zero_shot import DEFAULT_TEMPLATES, class_embeddings, retrieval_recall, zero_shot_classification
 from models.pe import open_clip_config, open_clip_state_dict
 from trainers.checkpoint import save_safetensors
 from trainers.contrastive_loss import clip_loss
 from trainers.handoff import init_backbone, load_into, load_state_dict
 from trainers.method import Method, as_config
-from trainers.optim import OptimConfig, build_warmup_cosine, param_groups_weight_decay, with_lr_scale
+from trainers.optim import OptimConfig, param_groups_weight_decay
 
 OPTIMIZERS = ("adamw", "lamb")
 
@@ -133,13 +132,6 @@ class ContrastivePretraining(Method):
         # ndim < 2, biases (and so norms and logit_scale) decay-free, as open_clip_train/main.py: exclude()
         return param_groups_weight_decay(self.model, self.optim_cfg.weight_decay)
 
-    def configure_optimizers(self):
-        if self.optim_cfg.name != "lamb":
-            return super().configure_optimizers()
-        optimizer = Lamb(with_lr_scale(self.param_groups(), self.lr), lr=self.lr, betas=tuple(self.optim_cfg.betas))
-        scheduler = build_warmup_cosine(optimizer, self.optim_cfg, self.lr, self.total_steps)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
-
     def init_from(self, source) -> list[str]:
         """The image tower from an earlier run (LiT); without ``image_tower``, the whole model from an earlier
         contrastive run."""
@@ -147,13 +139,13 @@ class ContrastivePretraining(Method):
             load_into(self.model, source, prefix="model.")
             return [f"Initialised the model from {source}"]
         tower, width = self.model.visual.model, self.model.visual.width
-        state = load_state_dict(source)
+        state = load_state_dict(source)  # read once: init_backbone takes it as it is
         source_width = next((v.shape[-1] for k, v in state.items() if k.endswith("cls_token")), None)
         if source_width is not None and source_width != width:
             raise ValueError(f"The image tower in {source} has width {source_width}, but model.image_tower "
                              f"{self.model_cfg.image_tower!r} (whose width the text projection is built for) has "
                              f"{width}: set --model.image_tower to the architecture that run trained.")
-        lines = init_backbone(tower, source)
+        lines = init_backbone(tower, source, state=state)
         return lines + (["image tower locked: it stays as loaded"] if self.model_cfg.lock_image else [])
 
     # -- validation: loss, zero-shot, retrieval ------------------------------------------------------------
@@ -207,13 +199,10 @@ class ContrastivePretraining(Method):
         return plain | {f"reweighted_{k}": v for k, v in reweighted.items()}
 
     def zero_shot(self, images: Tensor, labels: Tensor) -> dict[str, float]:
-        """Top-1/top-5 (percent) with class embeddings from the prompt templates (logits 100 x cosine: the scale
-        does not change the ranking)."""
+        """Top-1/top-5 (percent) with class embeddings from the prompt templates, on the gathered image features."""
         classes = class_embeddings(self.encode_texts, self.class_names, self.templates)
-        logits = 100 * zero_shot_logits(images, classes)
-        ks = [min(k, len(self.class_names)) for k in (1, 5)]
-        correct = topk_correct(logits, labels, ks)
-        return {f"zero_shot_top{k}": 100.0 * c.item() / len(labels) for k, c in zip((1, 5), correct)}
+        accuracy = zero_shot_classification(lambda features: features, [{"image": images, "label": labels}], classes)
+        return {f"zero_shot_{k}": v for k, v in accuracy.items()}
 
     def encode_texts(self, texts: list[str]) -> Tensor:
         tokens, _ = self.tokenize(texts)
@@ -241,10 +230,4 @@ def _gather_rows(local: Tensor) -> Tensor:
     """Every rank's rows (their counts may differ), concatenated in rank order."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return local
-    counts = [torch.zeros(1, dtype=torch.long, device=local.device) for _ in range(dist.get_world_size())]
-    dist.all_gather(counts, torch.tensor([len(local)], device=local.device))
-    most = int(max(c.item() for c in counts))
-    padded = F.pad(local, (0, 0) * (local.ndim - 1) + (0, most - len(local)))
-    parts = [torch.empty_like(padded) for _ in counts]
-    dist.all_gather(parts, padded.contiguous())
-    return torch.cat([part[: int(c.item())] for part, c in zip(parts, counts)])
+    return torch.cat(gather_all_tensors(local))  # pads to the longest rank's rows, gathers, trims

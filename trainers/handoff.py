@@ -117,13 +117,14 @@ LAYOUTS = (
 )
 
 
-def init_backbone(model: torch.nn.Module, source: str | Path, *, reset_head: bool = False) -> list[str]:
+def init_backbone(model: torch.nn.Module, source: str | Path, *, reset_head: bool = False,
+                  state: dict[str, torch.Tensor] | None = None) -> list[str]:
     """Initialise ``model`` (a backbone or classifier) from any earlier stage; returns what it did, in lines.
 
     ``source``: a run directory, Lightning ``.ckpt``, DeepSpeed directory, converted file or ``.safetensors``
-    export (``load_state_dict``). Its network is found by key layout: ``model.encoder.*`` (MAE), else
-    ``model.*`` (SWAG, finetune, linear probe), else plain keys (an export). Then, as MAE fine-tuning does
-    (facebookresearch/mae main_finetune.py):
+    export (``load_state_dict``; ``state``: what that returned, when the caller has read it already). Its network
+    is found by key layout: ``model.encoder.*`` (MAE), else ``model.*`` (SWAG, finetune, linear probe), else plain
+    keys (an export). Then, as MAE fine-tuning does (facebookresearch/mae main_finetune.py):
 
     - the source's classifier is dropped when ``model`` has none, or one of another shape (or ``reset_head``);
     - ``pos_embed`` is resized to ``model``'s grid (bicubic, align_corners=False, cls row kept) when the
@@ -134,7 +135,7 @@ def init_backbone(model: torch.nn.Module, source: str | Path, *, reset_head: boo
       difference raises ValueError naming every missing, unexpected and mis-shaped key and the source;
     - a new head starts at trunc_normal(std=2e-5) with zero bias (MAE).
     """
-    state, layout = _network_of(load_state_dict(source), Path(source))
+    state, layout = _network_of(load_state_dict(source) if state is None else state, Path(source))
     lines = [f"init_from {source}: {layout}, {len(state)} tensors"]
     target = model.state_dict()
 

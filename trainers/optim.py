@@ -4,6 +4,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+from timm.optim import Lamb
 from torch import nn
 
 
@@ -226,9 +227,14 @@ def build_lars(param_groups: list[dict], cfg: LARSConfig, lr: float) -> LARS:
 
 def build_optimizer(param_groups: list[dict], cfg: ScheduleConfig, lr: float) -> torch.optim.Optimizer:
     """The optimizer a config names: LARS for ``LARSConfig``; SGD with Nesterov momentum for a config whose
-    ``name`` is "sgd" (SWAG's RegNets); else AdamW (fused where the parameters allow it)."""
+    ``name`` is "sgd" (SWAG's RegNets); timm's LAMB for "lamb" (PE-Core: NVIDIA's variant, with bias correction, the
+    trust ratio on decayed parameters and a global grad-norm clip at 1); else AdamW (fused where the parameters
+    allow it)."""
     if isinstance(cfg, LARSConfig):
         return build_lars(param_groups, cfg, lr)
-    if getattr(cfg, "name", "adamw") == "sgd":
+    name = getattr(cfg, "name", "adamw")
+    if name == "sgd":
         return torch.optim.SGD(with_lr_scale(param_groups, lr), lr=lr, momentum=cfg.momentum, nesterov=True)
+    if name == "lamb":
+        return Lamb(with_lr_scale(param_groups, lr), lr=lr, betas=tuple(cfg.betas))
     return build_adamw(param_groups, cfg, lr)
