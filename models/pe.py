@@ -71,6 +71,10 @@ class PECoreConfig:
     """open_clip's name for this architecture (``open_clip.list_models()``), None for Prism-only sizes."""
     drop_path_rate: float = 0.0
     """Stochastic depth in the vision tower (PE-Core: 0)."""
+    init_logit_scale: float = INIT_LOGIT_SCALE
+    """Initial log-temperature: ln(1/0.07) for the CLIP loss, ln 10 for SigLIP's."""
+    init_logit_bias: float | None = None
+    """Initial value of a learned logit bias (SigLIP: -10); None: no bias (CLIP)."""
     image_tower: str | None = None
     """A registered image model (e.g. ``vit_tiny_patch16``) in place of the PE vision tower, built at image_size
     without a head: its pooled features are the image embedding and embed_dim becomes its width (locked-image
@@ -116,8 +120,21 @@ class PEVisionTower(nn.Module):
         super().__init__()
         self.trunk = _vision_trunk(cfg)  # the name open_clip's TimmModel gives it
 
+    @property
+    def patch_size(self) -> int:
+        return self.trunk.patch_embed.patch_size[0]
+
     def forward(self, images: Tensor) -> Tensor:
         return self.trunk(images)
+
+    def forward_with_patches(self, images: Tensor) -> tuple[Tensor, Tensor]:
+        """The embeddings and, from the same pass, the final normalised patch tokens (B, H/p * W/p, width)."""
+        tokens = self.trunk.forward_features(images)
+        return self.trunk.forward_head(tokens), tokens[:, self.trunk.num_prefix_tokens:]
+
+    def patch_features(self, images: Tensor) -> Tensor:
+        """The final normalised patch tokens (B, H/p * W/p, width), without the pooling and projection."""
+        return self.trunk.forward_features(images)[:, self.trunk.num_prefix_tokens:]
 
 
 class ImageModelTower(nn.Module):
@@ -149,7 +166,10 @@ class PECore(nn.Module):
         self.text = TextTransformer(context_length=cfg.context_length, vocab_size=cfg.vocab_size,
                                     width=cfg.text_width, heads=cfg.text_heads, layers=cfg.text_layers,
                                     output_dim=cfg.embed_dim, norm_layer=LayerNorm)
-        self.logit_scale = nn.Parameter(torch.tensor(INIT_LOGIT_SCALE))
+        self.logit_scale = nn.Parameter(torch.tensor(float(cfg.init_logit_scale)))
+        self.logit_bias = None  # SigLIP's learned bias; open_clip's name and shape
+        if cfg.init_logit_bias is not None:
+            self.logit_bias = nn.Parameter(torch.tensor(float(cfg.init_logit_bias)))
 
     def lock_image(self) -> None:
         """Freeze the image tower (LiT): no gradients, eval mode from now on, and no graph kept for it."""
@@ -182,6 +202,18 @@ class PECore(nn.Module):
         visual = self.encode_video(images) if images.ndim == 5 else self.encode_image(images)
         return (F.normalize(visual, dim=-1), F.normalize(self.encode_text(text_tokens), dim=-1),
                 self.logit_scale.exp())
+
+    def forward_with_patches(self, images: Tensor, text_tokens: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """``forward``'s three outputs and the vision tower's final patch tokens (B*T, N, width) from the same pass
+        (videos: every frame's). Only the trainable PE vision tower has them."""
+        if not isinstance(self.visual, PEVisionTower) or self.image_locked:
+            raise ValueError("Patch features come from a trainable PE vision tower, not a locked or external one")
+        frames = images.flatten(0, 1) if images.ndim == 5 else images
+        visual, patches = self.visual.forward_with_patches(frames)
+        if images.ndim == 5:
+            visual = visual.view(*images.shape[:2], -1).mean(dim=1)  # encode_video's mean over frames
+        return (F.normalize(visual, dim=-1), F.normalize(self.encode_text(text_tokens), dim=-1),
+                self.logit_scale.exp(), patches)
 
     @torch.no_grad()
     def clamp_logit_scale(self) -> None:
@@ -222,11 +254,12 @@ def vision_complexity(cfg: PECoreConfig, trunk: Eva, image_size: int) -> Complex
 
 
 def text_complexity(cfg: PECoreConfig) -> Complexity:
-    """The text tower on one caption, plus the temperature's parameter."""
+    """The text tower on one caption, plus the temperature's parameter (and the logit bias's)."""
     block = block_complexity(cfg.context_length, cfg.text_width, cfg.text_heads, 4.0)
     text = _times(block, cfg.text_layers) + _linear(cfg.text_width, cfg.embed_dim, 1, bias=False)
     embeddings = (cfg.vocab_size + cfg.context_length + 2) * cfg.text_width  # tokens, positions, ln_final
-    return Complexity(text.flops, text.params + embeddings + 1, text.activations)
+    scalars = 1 + (cfg.init_logit_bias is not None)
+    return Complexity(text.flops, text.params + embeddings + scalars, text.activations)
 
 
 def _times(c: Complexity, n: int) -> Complexity:
@@ -235,12 +268,15 @@ def _times(c: Complexity, n: int) -> Complexity:
 
 # -- open_clip format ------------------------------------------------------------------------------------------
 def open_clip_config(cfg: PECoreConfig) -> dict:
-    """The open_clip model config (model_configs/*.json) that builds this architecture."""
+    """The open_clip model config (model_configs/*.json) that builds this architecture (a SigLIP-trained model
+    has a logit bias, which open_clip's own PE-Core configs do not: load it with this config)."""
     return {"embed_dim": cfg.embed_dim, "custom_text": True,
             "vision_cfg": {"image_size": cfg.image_size, "timm_model_name": cfg.vision,
                            "timm_model_pretrained": False, "timm_pool": "map", "timm_proj": None},
             "text_cfg": {"context_length": cfg.context_length, "vocab_size": cfg.vocab_size,
-                         "width": cfg.text_width, "heads": cfg.text_heads, "layers": cfg.text_layers}}
+                         "width": cfg.text_width, "heads": cfg.text_heads, "layers": cfg.text_layers},
+            **({} if cfg.init_logit_scale == INIT_LOGIT_SCALE else {"init_logit_scale": cfg.init_logit_scale}),
+            **({} if cfg.init_logit_bias is None else {"init_logit_bias": cfg.init_logit_bias})}
 
 
 def open_clip_state_dict(model: PECore) -> dict[str, Tensor]:

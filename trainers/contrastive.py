@@ -2,7 +2,8 @@
 locked-image tuning (LiT, Zhai et al. 2022), which MAWS (Singh et al. 2023) uses to measure zero-shot transfer.
 
 Batches carry ``image`` (B, 3, H, W) or ``frames`` (B, T, 3, H, W) and ``text_tokens`` (B, L). The loss is
-:func:`trainers.contrastive_loss.clip_loss` over the global batch. Validation batches may carry ``label``: the
+:func:`trainers.contrastive_loss.clip_loss` over the global batch (or SigLIP's sigmoid loss), plus PE's mask
+regularisation when it is switched on (:mod:`trainers.mask_regularization`). Validation batches may carry ``label``: the
 epoch then ends with zero-shot classification (class embeddings from prompt templates, ranked by cosine, as PE's
 logits of 100 x cosine rank them) and image-text retrieval both ways, with plain cosine and with PE's reweighted
 scores.
@@ -11,6 +12,7 @@ scores.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,12 +26,16 @@ import models
 from evaluation.zero_shot import DEFAULT_TEMPLATES, class_embeddings, retrieval_recall, zero_shot_classification
 from models.pe import open_clip_config, open_clip_state_dict
 from trainers.checkpoint import save_safetensors
-from trainers.contrastive_loss import clip_loss
+from trainers.contrastive_loss import clip_loss, siglip_loss
 from trainers.handoff import init_backbone, load_into, load_state_dict
+from trainers.mask_regularization import masked_feature_loss
 from trainers.method import Method, as_config
 from trainers.optim import OptimConfig, param_groups_weight_decay
 
 OPTIMIZERS = ("adamw", "lamb")
+LOSSES = ("clip", "siglip")
+SIGLIP_INIT = {"init_logit_scale": math.log(10), "init_logit_bias": -10.0}
+"""SigLIP's initial temperature and bias (Zhai et al. 2023)."""
 
 
 @dataclass
@@ -45,12 +51,32 @@ class ContrastiveModelConfig:
     projects to its width. None: the model's own PE tower."""
     local_loss: bool = False
     """Each rank computes the loss of its own rows against the global batch (a W-th of the logits) instead of the
-    full global-batch loss; the gradients are the same."""
+    full global-batch loss; the gradients are the same (CLIP loss; SigLIP's always works this way)."""
+    loss: str = "clip"
+    """"clip" (InfoNCE, as PE trains), or "siglip" (the sigmoid loss, with a learned logit bias)."""
+    mask_fraction: float = 0.0
+    """Mask regularisation (PE §2.1): the fraction of each batch's images seen again with patches blanked, whose
+    features at those patches are pulled towards the intact image's (the paper-scale configs: 0.0625). 0: off."""
+    mask_ratio: float = 0.75
+    """The fraction of an image's patches blanked for mask regularisation."""
+    mask_weight: float = 1.0
+    """The regulariser's weight against the contrastive loss."""
 
     def __post_init__(self) -> None:
         if self.lock_image and not self.image_tower:
             raise ValueError("model.lock_image needs model.image_tower: the registered image model of the run given "
                              "in --init_from (e.g. --model.image_tower vit_tiny_patch16)")
+        if self.loss not in LOSSES:
+            raise ValueError(f"Unknown model.loss {self.loss!r}. Choose one of: {', '.join(LOSSES)}.")
+        if self.loss == "siglip" and self.local_loss:
+            raise ValueError("model.local_loss applies to the CLIP loss; SigLIP's already computes each rank's rows "
+                             "only: drop --model.local_loss")
+        if not 0 <= self.mask_fraction <= 1 or not 0 < self.mask_ratio < 1:
+            raise ValueError(f"model.mask_fraction must be in [0, 1] and model.mask_ratio in (0, 1); got "
+                             f"{self.mask_fraction} and {self.mask_ratio}")
+        if self.mask_fraction and self.image_tower:
+            raise ValueError("Mask regularisation trains the PE vision tower: it does not apply with "
+                             "model.image_tower (set model.mask_fraction 0)")
 
 
 @dataclass
@@ -97,6 +123,8 @@ class ContrastivePretraining(Method):
         tower = {}
         if self.model_cfg.image_tower:  # built at the training resolution: a plain ViT's position table is fixed
             tower = {"image_tower": self.model_cfg.image_tower, "image_size": image_size}
+        if self.model_cfg.loss == "siglip":
+            tower |= SIGLIP_INIT
         self.model = models.create(self.model_cfg.name, **tower)
         if self.model_cfg.lock_image:
             self.model.lock_image()
@@ -111,22 +139,41 @@ class ContrastivePretraining(Method):
         """FLOPs of one training pair: 3x the forward, or the image forward alone plus 3x the text's when the
         image tower is locked (no backward through it)."""
         full = self.model.complexity(image_size).flops
-        if not self.model_cfg.lock_image:
-            return 3 * full
+        if not self.model_cfg.lock_image:  # mask regularisation: that fraction of the images again, with backward
+            return 3 * full + 3 * self.model_cfg.mask_fraction * self.model.image_complexity(image_size).flops
         image = self.model.image_complexity(image_size).flops
         return image + 3 * (full - image)
 
     # -- training ------------------------------------------------------------------------------------------
     def compute_loss(self, batch) -> Tensor:
         images = batch["frames"] if "frames" in batch else batch["image"]
-        image_features, text_features, logit_scale = self.model(images, batch["text_tokens"])
-        return clip_loss(image_features, text_features, logit_scale, local_loss=self.model_cfg.local_loss)
+        cfg = self.model_cfg
+        if not cfg.mask_fraction:
+            return self.contrastive_loss(*self.model(images, batch["text_tokens"]))
+        image_features, text_features, logit_scale, patches = self.model.forward_with_patches(
+            images, batch["text_tokens"])
+        visual = self.model.visual
+        self._mask_loss = masked_feature_loss(visual.patch_features, images.flatten(0, -4), patches,
+                                              visual.patch_size, cfg.mask_fraction, cfg.mask_ratio)
+        return self.contrastive_loss(image_features, text_features, logit_scale) + cfg.mask_weight * self._mask_loss
+
+    def contrastive_loss(self, image_features: Tensor, text_features: Tensor, logit_scale: Tensor,
+                         gather: bool = True) -> Tensor:
+        if self.model_cfg.loss == "siglip":
+            return siglip_loss(image_features, text_features, logit_scale, self.model.logit_bias, gather=gather)
+        return clip_loss(image_features, text_features, logit_scale, local_loss=self.model_cfg.local_loss,
+                         gather=gather)
 
     def after_optimizer_step(self) -> None:
         self.model.clamp_logit_scale()  # as open_clip does after every optimizer step
 
     def training_metrics(self) -> dict[str, float]:
-        return {"train/logit_scale": self.model.logit_scale.detach()}
+        metrics = {"train/logit_scale": self.model.logit_scale.detach()}
+        if self.model.logit_bias is not None:
+            metrics["train/logit_bias"] = self.model.logit_bias.detach()
+        if self.model_cfg.mask_fraction:
+            metrics["train/mask_loss"] = self._mask_loss.detach()
+        return metrics
 
     def param_groups(self) -> list[dict]:
         # ndim < 2, biases (and so norms and logit_scale) decay-free, as open_clip_train/main.py: exclude()
@@ -153,7 +200,7 @@ class ContrastivePretraining(Method):
         images = batch["frames"] if "frames" in batch else batch["image"]
         image_features, text_features, logit_scale = self.model(images, batch["text_tokens"])
         # this rank's pairs: validation batches differ in size and number across ranks, so no collective per batch
-        loss = clip_loss(image_features, text_features, logit_scale, gather=False)
+        loss = self.contrastive_loss(image_features, text_features, logit_scale, gather=False)
         self.log("val/loss", loss, prog_bar=True, sync_dist=True, batch_size=len(images))
         parts = {"image": image_features.float(), "text": text_features.float(), "tokens": batch["text_tokens"]}
         if "label" in batch:

@@ -18,6 +18,10 @@ In both, each rank's features receive W times the full-batch gradient (the other
 them), so that after DDP averages the parameter gradients over the W ranks they equal the full-batch gradient, as
 in open_clip's ``ClipLoss`` with ``gather_with_grad=True`` (mlfoundations/open_clip
 src/open_clip/loss.py:ClipLoss).
+
+:func:`siglip_loss` is the sigmoid alternative (SigLIP, Zhai et al. 2023): every (image, text) pair of the global
+batch is its own binary problem, so each rank computes its images against every rank's texts and nothing is
+normalised over the batch.
 """
 
 from __future__ import annotations
@@ -55,6 +59,17 @@ def gather_with_grad(local: torch.Tensor) -> torch.Tensor:
     return _GatherWithGrad.apply(local)
 
 
+def _check_pairs(name: str, image_features: torch.Tensor, text_features: torch.Tensor) -> None:
+    if image_features.shape != text_features.shape or image_features.ndim != 2:
+        raise ValueError(f"{name} needs image and text features of the same shape (N, D); got "
+                         f"{tuple(image_features.shape)} and {tuple(text_features.shape)}")
+
+
+def _first_row(local: torch.Tensor, gathered: torch.Tensor) -> int:
+    """Where this rank's rows start in the gathered batch (0 when nothing was gathered)."""
+    return dist.get_rank() * local.shape[0] if gathered.shape[0] > local.shape[0] else 0
+
+
 def clip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor | float, *,
               local_loss: bool = False, gather: bool = True) -> torch.Tensor:
     """The symmetric InfoNCE loss of N matching (image, text) feature rows, with the negatives of every rank.
@@ -62,16 +77,13 @@ def clip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_s
     See the module docstring for the conventions; the features should be L2-normalised (the loss does not
     normalise them, as neither CLIP nor open_clip does inside the loss). ``gather=False``: this rank's pairs only,
     with no collective (validation, where ranks may hold different numbers of pairs)."""
-    if image_features.shape != text_features.shape or image_features.ndim != 2:
-        raise ValueError(f"clip_loss needs image and text features of the same shape (N, D); got "
-                         f"{tuple(image_features.shape)} and {tuple(text_features.shape)}")
+    _check_pairs("clip_loss", image_features, text_features)
     all_images, all_texts = image_features, text_features
     if gather:
         all_images, all_texts = gather_with_grad(image_features), gather_with_grad(text_features)
     if local_loss:
-        # This rank's rows sit at [rank * N, (rank + 1) * N) of the gathered batch.
-        rank = dist.get_rank() if all_images.shape[0] > image_features.shape[0] else 0
-        targets = torch.arange(image_features.shape[0], device=image_features.device) + rank * image_features.shape[0]
+        targets = torch.arange(image_features.shape[0], device=image_features.device)
+        targets = targets + _first_row(image_features, all_images)
         logits_per_image = logit_scale * image_features @ all_texts.T
         logits_per_text = logit_scale * text_features @ all_images.T
     else:
@@ -79,3 +91,23 @@ def clip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_s
         logits_per_image = logit_scale * all_images @ all_texts.T
         logits_per_text = logits_per_image.T
     return (F.cross_entropy(logits_per_image, targets) + F.cross_entropy(logits_per_text, targets)) / 2
+
+
+def siglip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor | float,
+                logit_bias: torch.Tensor | float, *, gather: bool = True) -> torch.Tensor:
+    """The sigmoid loss of N matching (image, text) rows (SigLIP, Zhai et al. 2023, Algorithm 1): with logits
+    ``logit_scale * image @ text.T + logit_bias`` over this rank's images and every rank's texts, the sum of
+    ``-log sigmoid(z * logit)`` (z = 1 for a matching pair, -1 otherwise) divided by N.
+
+    The value on each rank is open_clip's ``SigLipLoss`` on that rank (src/open_clip/loss.py, which passes the
+    texts around a ring instead of gathering them); the mean over ranks is the single-process loss of the global
+    batch, and the texts are gathered with their gradients, so DDP's averaged gradients are that loss's. The paper
+    initialises the scale at 10 (its log at ln 10) and the bias at -10, so that training starts near the
+    prior of mostly negative pairs."""
+    _check_pairs("siglip_loss", image_features, text_features)
+    all_texts = gather_with_grad(text_features) if gather else text_features
+    logits = logit_scale * image_features @ all_texts.T + logit_bias
+    rows = torch.arange(image_features.shape[0], device=image_features.device)
+    signs = -torch.ones_like(logits)
+    signs[rows, rows + _first_row(image_features, all_texts)] = 1
+    return -F.logsigmoid(signs * logits).sum() / image_features.shape[0]

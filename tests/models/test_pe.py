@@ -161,6 +161,33 @@ def test_prism_sizes_load_in_open_clip_from_their_exported_config(tmp_path):
     _assert_open_clip_embeds_equal(ours, theirs, 64)
 
 
+def test_a_siglip_model_exports_its_logit_bias_to_open_clip(tmp_path):
+    torch.manual_seed(0)
+    ours = models.create("pe_core_nano", init_logit_scale=math.log(10), init_logit_bias=-10.0).eval()
+    with torch.no_grad():
+        ours.logit_bias.fill_(-7.5)  # as if trained
+    (tmp_path / "pe_core_nano_siglip.json").write_text(json.dumps(open_clip_config(ours.cfg)))
+    save_file(open_clip_state_dict(ours), tmp_path / "weights.safetensors")
+    open_clip.add_model_config(tmp_path)
+    theirs = open_clip.create_model("pe_core_nano_siglip", pretrained=str(tmp_path / "weights.safetensors")).eval()
+    assert theirs.logit_bias.item() == -7.5
+    _assert_open_clip_embeds_equal(ours, theirs, 64)
+
+
+def test_patch_tokens_come_from_the_same_pass_as_the_embeddings(nano):
+    images, tokens = torch.randn(2, 3, 48, 64), torch.randint(1, 49000, (2, 32))
+    with torch.no_grad():
+        image_features, text_features, scale, patches = nano.forward_with_patches(images, tokens)
+        expected = nano(images, tokens)
+        torch.testing.assert_close((image_features, text_features, scale), expected)
+        assert patches.shape == (2, 6 * 8, nano.visual.trunk.embed_dim)
+        torch.testing.assert_close(patches, nano.visual.trunk.forward_features(images)[:, 1:])  # cls dropped
+        frames = torch.randn(2, 3, 3, 32, 32)  # a video: every frame's patches, the embedding is the frame mean
+        video_features, _, _, video_patches = nano.forward_with_patches(frames, tokens)
+        torch.testing.assert_close(video_features, nano(frames, tokens)[0])
+        assert video_patches.shape == (6, 16, nano.visual.trunk.embed_dim)
+
+
 @pytest.mark.parametrize("name,image_size", [("pe_core_nano", 64), ("pe_core_nano", 32)])
 def test_complexity_counts_the_forward(name, image_size):
     # frozen: torch's module tracker fails on timm's attention pool, whose query is an expanded parameter

@@ -102,6 +102,22 @@ def test_video_text_pairs_train_on_the_mean_of_frames(run_recipe, tmp_path):
     assert validated and float(validated[-1]["val/retrieval_pairs"]) == 16
 
 
+def test_siglip_with_mask_regularisation_trains_logs_and_exports(run_recipe, world, tmp_path):
+    run_dir = tmp_path / "siglip"
+    proc = run_recipe("recipes.pe_pretrain", "--run_dir", str(run_dir), "--trainer.max_steps", "3",
+                      "--trainer.val_every_n_steps", "3", "--model.loss", "siglip", "--model.mask_fraction", "0.25",
+                      *_shards(world), *TINY)
+    trained = [r for r in _metrics(run_dir) if r.get("train/mask_loss")]
+    assert len(trained) == 3
+    assert all(0 < float(r["train/mask_loss"]) < 2 for r in trained)
+    assert float(trained[0]["train/logit_bias"]) == pytest.approx(-10, abs=0.1)
+    out = _summary(proc.stdout)
+    open_clip.add_model_config(out["open_clip_config"])
+    theirs = open_clip.create_model("pe_core_nano", pretrained=out["open_clip"])  # strict: the bias is in the file
+    last = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
+    assert theirs.logit_bias.item() == last["state_dict"]["model.logit_bias"].item() != -10.0
+
+
 def _jpeg() -> bytes:
     buf = io.BytesIO()
     Image.new("RGB", (32, 32), (200, 30, 30)).save(buf, "JPEG")

@@ -75,3 +75,43 @@ def test_locked_image_tuning_trains_the_text_tower_only():
 def test_locked_image_needs_the_tower_of_the_earlier_run():
     with pytest.raises(ValueError, match="image_tower"):
         ContrastiveModelConfig(lock_image=True)
+
+
+@pytest.mark.parametrize("fields,expected", [
+    ({"loss": "sigmoid"}, "Unknown model.loss 'sigmoid'. Choose one of: clip, siglip"),
+    ({"loss": "siglip", "local_loss": True}, "drop --model.local_loss"),
+    ({"mask_fraction": 1.5}, "model.mask_fraction must be in [0, 1]"),
+    ({"mask_ratio": 1.0}, "model.mask_ratio in (0, 1); got 0.0 and 1.0"),
+    ({"mask_fraction": 0.1, "image_tower": "vit_tiny_patch8"}, "does not apply with model.image_tower"),
+])
+def test_bad_loss_settings_are_refused_with_the_fix(fields, expected):
+    with pytest.raises(ValueError) as error:
+        ContrastiveModelConfig(**fields)
+    assert expected in str(error.value)
+
+
+def test_siglip_starts_at_its_temperature_and_bias_and_trains_the_bias_without_decay():
+    torch.manual_seed(0)
+    module = ContrastivePretraining({"loss": "siglip"}, {"warmup_steps": 0, "weight_decay": 0.5}, 1e-2, 3)
+    assert module.model.logit_scale.item() == pytest.approx(math.log(10))
+    assert module.model.logit_bias.item() == -10.0
+    _, no_decay = module.param_groups()
+    assert any(p is module.model.logit_bias for p in no_decay["params"])
+    fit(module, 3)
+    assert module.model.logit_bias.item() != -10.0  # learned: the positives pull it up from the all-negative prior
+
+
+def test_mask_regularisation_adds_its_weighted_term_to_the_contrastive_loss():
+    torch.manual_seed(0)
+    batch = batches(1, size=32, batch=8)[0]
+    plain = ContrastivePretraining({}, {}, 1e-3, 10)
+    masked = ContrastivePretraining({"mask_fraction": 0.25, "mask_weight": 0.5}, {}, 1e-3, 10)
+    masked.load_state_dict(plain.state_dict())
+    contrastive = plain.compute_loss(batch)
+    total = masked.compute_loss(batch)
+    mask_loss = masked.training_metrics()["train/mask_loss"]
+    assert 0 < mask_loss < 2
+    assert total.item() == pytest.approx(contrastive.item() + 0.5 * mask_loss.item(), rel=1e-5)
+    # training costs a quarter of the images' tower again, forward and backward
+    image = plain.model.image_complexity(None).flops
+    assert masked.flops_per_sample - plain.flops_per_sample == pytest.approx(3 * 0.25 * image)

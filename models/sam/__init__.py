@@ -1,0 +1,1 @@
+"""SAM and SAM 2 modules: torch.nn only."""
