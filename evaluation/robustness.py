@@ -69,7 +69,7 @@ class RobustnessResult:
             cells = " | ".join(f"{per_sev[s]:.1f}" if s in per_sev else "-" for s in severities)
             label = {"imagenet_c": "**ImageNet-C mean**", "imagenet_c_bar": "**ImageNet-C-bar mean**"}[family]
             rows.append(f"| {label} | | {cells} | **{self.overall(family):.1f}** |")
-        rows.append(f"| clean | | " + " | ".join("" for _ in severities) + f" | {self.clean_error:.1f} |")
+        rows.append("| clean | | " + " | ".join("" for _ in severities) + f" | {self.clean_error:.1f} |")
         return "\n".join(rows)
 
     def to_json(self) -> str:

@@ -37,7 +37,7 @@ from timm.models.eva import Eva
 from torch import Tensor, nn
 
 from .complexity import Complexity, _linear, block_complexity
-from .registry import build_with_overrides, create, register_model
+from .registry import create, register_config
 
 __all__ = ["PECoreConfig", "PECore", "open_clip_state_dict", "open_clip_config"]
 
@@ -317,14 +317,5 @@ _SIZES = {
 }
 
 
-def _register(name: str, cfg: PECoreConfig) -> None:
-    def factory(**overrides) -> PECore:
-        return build_with_overrides(PECore, cfg, overrides)
-
-    factory.__name__ = name
-    factory.__doc__ = f"PE-Core {asdict(cfg)}"
-    register_model(factory)
-
-
 for _name, _cfg in _SIZES.items():
-    _register(_name, _cfg)
+    register_config(_name, PECore, _cfg, f"PE-Core {asdict(_cfg)}")

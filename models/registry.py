@@ -70,3 +70,13 @@ def build_with_overrides(model_cls: Callable[[Any], nn.Module], config: Any, ove
             f"Valid fields: {', '.join(valid)}."
         )
     return model_cls(dataclasses.replace(config, **overrides))
+
+
+def register_config(name: str, model_cls: Callable[[Any], nn.Module], config: Any, doc: str) -> None:
+    """Register ``name`` as ``model_cls(config)``, whose config fields ``create(name, **overrides)`` replaces."""
+    def factory(**overrides: Any) -> nn.Module:
+        return build_with_overrides(model_cls, config, overrides)
+
+    factory.__name__ = name
+    factory.__doc__ = doc
+    register_model(factory)

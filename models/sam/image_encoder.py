@@ -35,6 +35,7 @@ from timm.models import register_model as register_timm_model
 from timm.models.hieradet_sam2 import HieraDet
 from torch import Tensor, nn
 
+from .checkpoints import model_state, require_exact_fit
 from .position_encoding import PositionEmbeddingSine
 
 __all__ = [
@@ -222,17 +223,8 @@ def official_image_encoder_state(sam2_state: Mapping[str, Tensor], encoder: SAM2
     ``{"model": state}``) under ``encoder``'s keys, ready for a strict ``encoder.load_state_dict``. Keys of the
     other SAM 2 modules are ignored. Raises ValueError naming every missing, unexpected or mis-shaped tensor, so
     a checkpoint of another size fails here with the official key names rather than deep inside loading."""
-    if isinstance(sam2_state.get("model"), Mapping):
-        sam2_state = sam2_state["model"]
+    sam2_state = model_state(sam2_state)
     mapped = {_our_key(k): v for k, v in sam2_state.items() if k.startswith("image_encoder.")}
-    expected = encoder.state_dict()
-    missing = sorted(_official_key(k) for k in expected.keys() - mapped.keys())
-    unexpected = sorted(_official_key(k) for k in mapped.keys() - expected.keys())
-    mis_shaped = sorted(f"{_official_key(k)} {tuple(mapped[k].shape)} (expected {tuple(expected[k].shape)})"
-                        for k in expected.keys() & mapped.keys() if mapped[k].shape != expected[k].shape)
-    if missing or unexpected or mis_shaped:
-        problems = [f"{what}: {', '.join(keys)}" for what, keys in
-                    (("missing", missing), ("unexpected", unexpected), ("wrong shape", mis_shaped)) if keys]
-        raise ValueError(f"checkpoint does not fit {encoder.cfg.trunk} (d_model {encoder.cfg.d_model}): "
-                         + "; ".join(problems))
+    require_exact_fit(mapped, encoder.state_dict(), f"{encoder.cfg.trunk} (d_model {encoder.cfg.d_model})",
+                      _official_key)
     return mapped

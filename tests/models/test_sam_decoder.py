@@ -15,13 +15,7 @@ D, GRID, IMAGE, BATCH = 256, 16, 256, 3
 ATOL = 1e-4
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """These ops are tiny: on a busy 2-core machine intra-op threads only add waits (about 5x slower)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def perturb_(module: torch.nn.Module) -> None:

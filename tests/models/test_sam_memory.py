@@ -5,12 +5,16 @@ import math
 import pytest
 import torch
 from sam2.modeling.memory_attention import MemoryAttention as RefMemoryAttention
-from sam2.modeling.memory_attention import MemoryAttentionLayer as RefMemoryAttentionLayer
+from sam2.modeling.memory_attention import (
+    MemoryAttentionLayer as RefMemoryAttentionLayer,
+)
 from sam2.modeling.memory_encoder import CXBlock as RefCXBlock
 from sam2.modeling.memory_encoder import Fuser as RefFuser
 from sam2.modeling.memory_encoder import MaskDownSampler as RefMaskDownSampler
 from sam2.modeling.memory_encoder import MemoryEncoder as RefMemoryEncoder
-from sam2.modeling.position_encoding import PositionEmbeddingSine as RefPositionEmbeddingSine
+from sam2.modeling.position_encoding import (
+    PositionEmbeddingSine as RefPositionEmbeddingSine,
+)
 from sam2.modeling.position_encoding import compute_axial_cis
 from sam2.modeling.sam.transformer import RoPEAttention as RefRoPEAttention
 

@@ -7,7 +7,13 @@ import torch
 import models
 from models.pycls_complexity import anynet_complexity, vit_complexity_pycls
 from models.regnet import RegNet, RegNetConfig
-from models.scaling import alpha_factors, scale_regnet, scale_vit, scaled_size, scaling_factors
+from models.scaling import (
+    alpha_factors,
+    scale_regnet,
+    scale_vit,
+    scaled_size,
+    scaling_factors,
+)
 from models.vitc import _config as vit_config
 
 # pycls/models/scaler.py:scaling_factors("d1_w8_g8_r1", s): the d, w, r weights sum to 10, so d = s^(1/10),
