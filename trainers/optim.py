@@ -238,3 +238,13 @@ def build_optimizer(param_groups: list[dict], cfg: ScheduleConfig, lr: float) ->
     if name == "lamb":
         return Lamb(with_lr_scale(param_groups, lr), lr=lr, betas=tuple(cfg.betas))
     return build_adamw(param_groups, cfg, lr)
+
+
+def warmup_step_decay_factor(step: int, warmup_steps: int, milestones: list[int] | tuple[int, ...],
+                             gamma: float = 0.1) -> float:
+    """Learning-rate multiplier of a linear warmup followed by step-wise decay: ``gamma`` once for every milestone
+    (an optimizer step) already reached, as SAM trains (Kirillov et al. 2023, appendix A: 250 warmup steps, then
+    x0.1 at 60000 and 86666 of 90000 steps)."""
+    if step < warmup_steps:
+        return step / warmup_steps
+    return gamma ** sum(step >= milestone for milestone in milestones)

@@ -39,7 +39,7 @@ def test_dotted_overrides_and_print_config(capsys):
 # The recipe a shipped config is for, by the start of its file name (the longest match wins).
 RECIPE_BY_PREFIX = {"mae_": "mae_prepretrain", "maws_mae_": "mae_prepretrain", "swag_": "swag_pretrain",
                     "finetune_": "finetune", "linear_probe_": "linear_probe", "maws_vit_": "maws",
-                    "pe_core_": "pe_pretrain"}
+                    "pe_core_": "pe_pretrain", "sam2.1_": "sam2_train", "sam_vit_": "sam2_train"}
 
 
 def _recipe_of(path: Path):
