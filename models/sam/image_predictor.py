@@ -29,6 +29,7 @@ from torch import Tensor, nn
 from .prompt_encoder import BOX_BOTTOM_RIGHT, BOX_TOP_LEFT
 from .sam import ImagePredictor
 from .sam2 import SAM2, FrameFeatures
+from .transforms import as_chw
 
 __all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "LOW_RES_LOGIT_CLAMP", "SquareResizeTransform", "SAM2ImageModel",
            "SAM2ImagePredictor"]
@@ -40,19 +41,6 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 LOW_RES_LOGIT_CLAMP = 32.0
 """The predictor returns low-resolution logits clamped to +-32, so that feeding them back as a mask prompt cannot
 saturate the prompt encoder (SAM2ImagePredictor._predict)."""
-
-
-def _as_chw(image: np.ndarray | Tensor | Image.Image) -> Tensor:
-    """numpy HWC, a PIL image or torch CHW -> torch CHW (3 channels)."""
-    if isinstance(image, Image.Image):
-        image = np.array(image.convert("RGB"))
-    if isinstance(image, np.ndarray):
-        if image.ndim != 3 or image.shape[-1] != 3:
-            raise ValueError(f"numpy images are HWC with 3 channels, got shape {image.shape}")
-        return torch.as_tensor(np.ascontiguousarray(image)).permute(2, 0, 1)
-    if image.ndim != 3 or image.shape[0] != 3:
-        raise ValueError(f"torch images are CHW with 3 channels, got shape {tuple(image.shape)}")
-    return image
 
 
 @dataclass(frozen=True)
@@ -73,7 +61,7 @@ class SquareResizeTransform:
 
         Scaled to 0-1 first, then resized bilinearly with antialiasing, as torchvision's ``Resize`` does to the
         reference's ``ToTensor`` output."""
-        chw = _as_chw(image)
+        chw = as_chw(image)
         if device is not None:
             chw = chw.to(device)
         original_size = (int(chw.shape[-2]), int(chw.shape[-1]))

@@ -524,7 +524,10 @@ class SAM2(nn.Module):
             return like.new_zeros(len(distances), cfg.memory_dim)
         # A host-to-device copy that does not wait for queued device work. A one-frame clip has no distance to
         # normalise by (sam2 divides by zero there); its single pointer is at distance 0.
-        positions = torch.tensor(distances, dtype=torch.float32).to(like.device, non_blocking=True)
+        positions = torch.tensor(distances, dtype=torch.float32)
+        if like.is_cuda:  # a pageable source would make the copy wait for the queued device work after all
+            positions = positions.pin_memory()
+        positions = positions.to(like.device, non_blocking=True)
         dim = cfg.d_model if cfg.proj_tpos_enc_in_obj_ptrs else cfg.memory_dim
         return self.obj_ptr_tpos_proj(sine_code_1d(positions / max(max_distance, 1), dim))
 

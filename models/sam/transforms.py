@@ -56,8 +56,11 @@ def resize_image(image: Tensor, size: tuple[int, int]) -> Tensor:
     return F.interpolate(image[None], size, mode="bilinear", align_corners=False, antialias=True)[0]
 
 
-def _as_chw(image: np.ndarray | Tensor) -> Tensor:
-    """numpy HWC (SamPredictor's layout) or torch CHW -> torch CHW, sharing memory where possible."""
+def as_chw(image: np.ndarray | Tensor | Image.Image) -> Tensor:
+    """numpy HWC (SamPredictor's layout), a PIL image (SAM2ImagePredictor takes those) or torch CHW -> torch CHW,
+    sharing memory where possible."""
+    if isinstance(image, Image.Image):
+        image = np.array(image.convert("RGB"))
     if isinstance(image, np.ndarray):
         if image.ndim != 3 or image.shape[-1] != 3:
             raise ValueError(f"numpy images are HWC with 3 channels, got shape {image.shape}")
@@ -83,7 +86,7 @@ def preprocess(
 
     Returns the input, ``input_size`` (the resized (h, w), i.e. the unpadded region) and ``original_size``.
     """
-    chw = _as_chw(image)
+    chw = as_chw(image)
     if device is not None:
         chw = chw.to(device)
     original_size = (int(chw.shape[-2]), int(chw.shape[-1]))
