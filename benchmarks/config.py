@@ -11,14 +11,15 @@ from trainers.build import STRATEGIES
 class ModelChoice:
     name: str | None = None
     """Registered model; None: mae_vit_tiny_patch8 for --trainer mae, vit_tiny_patch8 for finetune and swag,
-    pe_core_nano for pe."""
+    pe_core_nano for pe, sam2.1_hiera_nano for sam2."""
 
 
 @dataclass
 class Config:
-    trainer: Literal["mae", "finetune", "swag", "pe", "none"] = "mae"
+    trainer: Literal["mae", "finetune", "swag", "pe", "sam2", "none"] = "mae"
     """The LightningModule: mae (MAEPretraining), finetune (ImageClassification), swag (WeaklySupervisedPretraining),
-    pe (ContrastivePretraining, image-caption pairs);
+    pe (ContrastivePretraining, image-caption pairs), sam2 (SAM2Training in video mode on clips of --num_frames
+    frames: an "image" of the figures is a clip, and --image_size must be the model's);
     none: only the loader benchmark (datamodule against raw decode, per worker count)."""
     model: ModelChoice = field(default_factory=ModelChoice)
     """The model; everything else (mask ratio, pooling, augmentation, optimizer) is the method's default."""
@@ -51,6 +52,10 @@ class Config:
     decode: Literal["host", "device"] = "host"
     """JPEG decoding with --data shards and --trainer none (DataConfig.decode): host (PIL in the loader
     workers) or device (on the GPU, after the transfer)."""
+    num_frames: int = 8
+    """Frames per clip with --trainer sam2 (SAM 2 trains on 8)."""
+    objects: int = 2
+    """Objects per clip with --trainer sam2 (with --data shards: at most this many)."""
     num_workers: int = 2
     """Loader worker processes with --data shards."""
     num_classes: int | None = None
@@ -68,7 +73,7 @@ class Config:
     """Where benchmark.json and the Lightning runs' logs go."""
 
     def __post_init__(self):
-        for name in ("image_size", "batch_size", "steps", "num_classes", "repeats"):
+        for name in ("image_size", "batch_size", "steps", "num_classes", "repeats", "num_frames", "objects"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}")
         if self.warmup_steps < 0 or self.num_workers < 0 or any(n < 0 for n in self.worker_counts):

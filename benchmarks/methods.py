@@ -19,15 +19,18 @@ from datamodules.classification import ClassificationDataConfig, prepare_data
 from datamodules.hashtags import VOCABULARY_FILE, HashtagDataConfig, ensure_vocabulary, hashtag_datamodule
 from datamodules.sharded import DataConfig, ShardedDataModule, resolve_shards
 from datamodules.transforms import eval_transform, finetune_train_transform, mae_train_transform
+from datamodules.video_segmentation import VideoSegmentationDataConfig, VideoSegmentationDataModule, check_video_shards
+from models.sam.sam2 import SAM2_CONFIGS
 from trainers.classification import (AugmentConfig, ClassifierConfig, EMAConfig, FinetuneOptimConfig,
                                      ImageClassification, classifier_kwargs)
 from trainers.contrastive import ContrastiveOptimConfig, ContrastivePretraining
 from trainers.mae import MAEModelConfig, MAEPretraining
 from trainers.optim import OptimConfig, resolve_lr
+from trainers.sam2 import SAM2ModelConfig, SAM2OptimConfig, SAM2PromptConfig, SAM2Training
 from trainers.weakly_supervised import WeaklySupervisedPretraining, WSPOptimConfig
 
 DEFAULT_MODELS = {"mae": "mae_vit_tiny_patch8", "finetune": "vit_tiny_patch8", "swag": "vit_tiny_patch8",
-                  "pe": "pe_core_nano"}
+                  "pe": "pe_core_nano", "sam2": "sam2.1_hiera_nano"}
 
 
 class Method(NamedTuple):
@@ -80,7 +83,47 @@ def pe(cfg: Config, name: str, data: DataConfig, total: int, run_dir: Path) -> M
     return Method(module, data, lambda: caption_datamodule(data, cfg.seed), {"context_length": data.context_length})
 
 
-METHODS = {"mae": mae, "finetune": finetune, "swag": swag, "pe": pe}
+class StepCountingSAM2(SAM2Training):
+    """SAM2Training whose prompt decisions follow the optimizer steps in a plain loop too. They are drawn from
+    (seed, global step), and without a Trainer a LightningModule's global step stays 0: a plain loop would repeat
+    step 0's decisions (mask prompt or clicks, how many frames get correction clicks, so the work of the step)
+    while Lightning draws new ones every step. Here a module without a Trainer counts its own optimizer steps."""
+
+    plain_steps = 0
+
+    @property
+    def global_step(self) -> int:
+        trainer = self.attached_trainer()
+        return trainer.global_step if trainer is not None else self.plain_steps
+
+    def after_optimizer_step(self) -> None:
+        super().after_optimizer_step()
+        if self.attached_trainer() is None:
+            self.plain_steps += 1
+
+
+def sam2(cfg: Config, name: str, data: DataConfig, total: int, run_dir: Path) -> Method:
+    """SAM 2 video training with the recipe's defaults (recipes/sam2_train.py: one mask on tracked frames, sam2's
+    MOSE prompt simulation, AdamW with layer decay); the gradient clipping of the recipe's Trainer is not applied,
+    as the plain loop has none."""
+    if name not in SAM2_CONFIGS:
+        raise ValueError(f"--trainer sam2 trains SAM 2 on clips: --model.name must be one of {', '.join(SAM2_CONFIGS)}")
+    side = SAM2_CONFIGS[name].image_size
+    if cfg.image_size != side:
+        raise ValueError(f"{name} takes {side} x {side} frames: add --image_size {side}")
+    if cfg.decode != "host":
+        raise ValueError("--trainer sam2 decodes its clips in the loader workers: --decode host")
+    data = VideoSegmentationDataConfig(**asdict(data), num_frames=cfg.num_frames, max_objects=cfg.objects)
+    if cfg.data == "shards":
+        check_video_shards(data)  # without --shards: the synthetic world's videos, not its images
+    optim = SAM2OptimConfig()
+    module = StepCountingSAM2(SAM2ModelConfig(name=name, multimask_output_for_tracking=False), SAM2PromptConfig(),
+                              optim, resolve_lr(optim, cfg.batch_size), total, seed=cfg.seed)
+    return Method(module, data, lambda: VideoSegmentationDataModule(data, cfg.seed),
+                  {"num_frames": cfg.num_frames, "objects": cfg.objects})
+
+
+METHODS = {"mae": mae, "finetune": finetune, "swag": swag, "pe": pe, "sam2": sam2}
 
 
 def build_method(cfg: Config, total: int, run_dir: Path) -> tuple[str, Method]:

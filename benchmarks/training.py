@@ -11,14 +11,17 @@ folder is deleted. The plain loop is plain PyTorch on the one device whatever --
 from __future__ import annotations
 
 import copy
+import dataclasses
+import itertools
 import shutil
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
 import lightning as L
+import numpy as np
 import torch
 from lightning.fabric.utilities.throughput import get_available_flops
 
@@ -27,11 +30,14 @@ from benchmarks.measure import PeakMemory, StepClock, StepTimer, how_measured, m
 from benchmarks.methods import Method, build_method
 from benchmarks.report import LOOPS, Run, benchmark_report, flop_count, format_report
 from datamodules import IMAGENET_MEAN, IMAGENET_STD
+from datamodules.synthetic import render_video, sample_scene
 from datamodules.text import END_TOKEN
+from datamodules.transforms import normalize_on_device
 from trainers.build import LoggingConfig, TrainerConfig, build_trainer, resolve_precision
 from trainers.callbacks import ImagePanelLogger, StepCheckpoint, ThroughputLogger
 from trainers.checkpoint import CHECKPOINT_DIR
 from trainers.random_state import seed_rank
+from trainers.sam2 import OBJECTS_KEY
 from trainers.threads import configure_cpu_threads
 
 # ---- batches ---------------------------------------------------------------------------------------------------
@@ -52,13 +58,43 @@ class RepeatedBatch:
             yield {k: v.clone() if isinstance(v, torch.Tensor) else copy.deepcopy(v) for k, v in self.batch.items()}
 
 
+def _world_clips(num_frames: int, objects: int, size: int, seed: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """The synthetic world's clips whose largest ``objects`` objects all show in frame 0, scene after scene."""
+    for n in itertools.count():
+        scene = sample_scene(seed, n, "benchmark", max_objects=objects + 2)
+        if len(scene.objects) >= objects:
+            frames, ids = render_video(dataclasses.replace(scene, objects=scene.objects[:objects]), num_frames, size)
+            if np.isin(np.arange(1, objects + 1), ids[0]).all():
+                yield frames, ids
+
+
+def synthetic_clips(batch_size: int, num_frames: int, objects: int, size: int, seed: int = 0) -> dict:
+    """SAM 2's training batch as it reaches the device (batch_contract/__init__.py), from the synthetic world:
+    ``frames`` (B, T, 3, S, S) normalised with the ImageNet mean and std, ``frame_masks`` (B, T, S, S) uint8 with
+    the ids 1..objects of each clip's objects (all in frame 0, moving, occluding each other), ``frame_valid`` all
+    True, and the objects per clip, which trainers.sam2 counts on the host before the transfer."""
+    clips = list(itertools.islice(_world_clips(num_frames, objects, size, seed), batch_size))
+    frames = torch.from_numpy(np.stack([f for f, _ in clips])).permute(0, 1, 4, 2, 3)
+    return {"frames": normalize_on_device(frames, IMAGENET_MEAN, IMAGENET_STD),
+            "frame_masks": torch.from_numpy(np.stack([m for _, m in clips])),
+            "frame_valid": torch.ones(batch_size, num_frames, dtype=torch.bool), OBJECTS_KEY: [objects] * batch_size}
+
+
+def synthetic_video(num_frames: int, objects: int, size: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """The first clip of :func:`synthetic_clips` as a video: frames (T, S, S, 3) uint8 RGB and id maps (T, S, S)."""
+    return next(_world_clips(num_frames, objects, size, seed))
+
+
 def synthetic_batch(batch_size: int, image_size: int, device: torch.device | str, *, seed: int = 0,
                     num_classes: int | None = None, vocab: Sequence[str] | None = None,
-                    context_length: int | None = None) -> dict:
+                    context_length: int | None = None, num_frames: int | None = None, objects: int = 1) -> dict:
     """A random batch in the batch contract (batch_contract/__init__.py), made once on ``device``: ``image``
     standard normal (as normalised pixels), ``label`` when ``num_classes`` is given, ``hashtags`` (1 to 3 tags of
     ``vocab`` per image) when ``vocab`` is, ``text_tokens`` (random ids, CLIP's end token last) and ``text_mask``
-    of ``context_length`` when that is."""
+    of ``context_length`` when that is. With ``num_frames``: clips of the synthetic world instead
+    (:func:`synthetic_clips`, ``objects`` per clip)."""
+    if num_frames is not None:
+        return to_device(synthetic_clips(batch_size, num_frames, objects, image_size, seed), torch.device(device))
     gen = torch.Generator().manual_seed(seed)
     batch: dict = {"image": torch.randn(batch_size, 3, image_size, image_size, generator=gen)}
     if context_length is not None:
@@ -122,7 +158,9 @@ def plain_loop(module: L.LightningModule, batches: Iterable[dict], steps: int, d
 
     The loss is the module's ``compute_loss`` (the code its training_step runs), the optimizer and schedule come
     from its own ``configure_optimizers`` (called after the move to the device, as Lightning does: fused AdamW
-    needs CUDA parameters). ``prepare`` is the device-side step of a datamodule (on_after_batch_transfer). The
+    needs CUDA parameters). The module's ``on_before_batch_transfer`` runs on each batch before the move, as in
+    Lightning (SAM 2 counts its objects there); ``prepare`` is the device-side step of a datamodule
+    (on_after_batch_transfer). The
     random state is seeded right before the first step as trainers.random_state seeds a Lightning run, so that
     masks, mixup and drop-path draw the same numbers. Step boundaries are marked where :class:`StepTimer` marks.
     """
@@ -134,7 +172,7 @@ def plain_loop(module: L.LightningModule, batches: Iterable[dict], steps: int, d
     seed_rank(seed, 0)
     batches = iter(batches)
     for _ in range(steps):
-        batch = to_device(next(batches), device)
+        batch = to_device(module.on_before_batch_transfer(next(batches), 0), device)
         if prepare is not None:
             batch = prepare(batch)
         timer.mark()
@@ -251,7 +289,7 @@ def _synthetic(cfg: Config, method: Method, device: torch.device) -> dict | None
     if cfg.data != "synthetic":
         return None
     batch = synthetic_batch(cfg.batch_size, cfg.image_size, device, seed=cfg.seed, **method.synthetic)
-    if cfg.channels_last:  # RepeatedBatch's copies keep the layout (clone preserves strides)
+    if cfg.channels_last and "image" in batch:  # RepeatedBatch's copies keep the layout (clone preserves strides)
         batch["image"] = batch["image"].contiguous(memory_format=torch.channels_last)
     return batch
 
@@ -263,6 +301,8 @@ def _how(setup: Setup, name: str, order: list[tuple[int, str]], threads: str) ->
         setup.device, trainer=cfg.trainer, model=name, image_size=cfg.image_size,
         data=cfg.data if cfg.data == "synthetic" else f"shards {data.train_shards}",
         **({"decode": cfg.decode} if cfg.data == "shards" else {}),
+        **({"clip": f"{cfg.num_frames} frames, {'up to ' if cfg.data == 'shards' else ''}{cfg.objects} objects"}
+           if cfg.trainer == "sam2" else {}),
         batch_per_step=cfg.batch_size, steps=f"{cfg.warmup_steps} warm-up + {cfg.steps} timed per run",
         precision=resolve_precision(setup.trainer_cfg), strategy=cfg.strategy, compile=cfg.compile,
         channels_last=cfg.channels_last, plain_loop="run" if cfg.plain else "not run (--plain false)",
@@ -276,7 +316,8 @@ def training_benchmark(cfg: Config, run_dir: Path, device: torch.device) -> tupl
     total = cfg.warmup_steps + cfg.steps
     # Lightning takes compile and channels-last as users pass them (--trainer.compile / --trainer.channels_last);
     # the plain loop applies them by hand.
-    trainer_cfg = TrainerConfig(max_steps=total, devices=1, strategy=cfg.strategy, precision=cfg.precision,
+    trainer_cfg = TrainerConfig(max_steps=total, devices=1, accelerator="gpu" if device.type == "cuda" else "cpu",
+                                strategy=cfg.strategy, precision=cfg.precision,
                                 checkpoint_every_n_steps=total + 1, val_every_n_steps=total + 1,
                                 compile=cfg.compile, channels_last=cfg.channels_last)
     # The first Trainer before anything slow: build_trainer refuses what cannot run here (DeepSpeed or FSDP without

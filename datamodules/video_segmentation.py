@@ -94,6 +94,9 @@ class VideoSegmentationDataConfig(DataConfig):
     """Consecutive annotated frames per training clip (SAM 2: 8). Every training video needs at least this many."""
     max_objects: int = 3
     """Objects per clip at most, drawn from those visible in its first frame (sam2.1 MOSE fine-tuning: 3)."""
+    max_object_area: float = 1.0
+    """Objects covering more than this fraction of a clip's first frame are never drawn. SAM trains without SA-1B's
+    masks over 90% of the image (Kirillov et al. 2023, appendix A): 0.9. 1.0 keeps every object, as sam2 does."""
     reverse_time_prob: float = 0.0
     """Probability that a training clip runs backwards in time (vos_sampler.RandomUniformSampler's default 0.0,
     which the sam2.1 MOSE config keeps)."""
@@ -114,9 +117,10 @@ class VideoSegmentationDataConfig(DataConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         checks = {"num_frames": self.num_frames >= 1, "max_objects": 1 <= self.max_objects <= 255,
+                  "max_object_area": 0.0 < self.max_object_area <= 1.0,
                   "reverse_time_prob": 0.0 <= self.reverse_time_prob <= 1.0, "image_prob": 0.0 < self.image_prob <= 1.0}
-        wanted = {"num_frames": ">= 1", "max_objects": "in 1..255 (uint8 masks)", "reverse_time_prob": "in [0, 1]",
-                  "image_prob": "in (0, 1]"}
+        wanted = {"num_frames": ">= 1", "max_objects": "in 1..255 (uint8 masks)", "max_object_area": "in (0, 1]",
+                  "reverse_time_prob": "in [0, 1]", "image_prob": "in (0, 1]"}
         for name, ok in checks.items():
             if not ok:
                 raise ValueError(f"VideoSegmentationDataConfig.{name} must be {wanted[name]}, got "
@@ -293,8 +297,9 @@ class VideoClipTransform:
     (T, S, S), "frame_valid": bool (T,), "key"}`` with T = ``num_frames`` (see the module docstring)."""
 
     def __init__(self, size: int, num_frames: int, max_objects: int, reverse_time_prob: float = 0.0,
-                 augment: ClipAugment | None = None):
+                 augment: ClipAugment | None = None, max_object_area: float = 1.0):
         self.size, self.num_frames, self.max_objects = size, num_frames, max_objects
+        self.max_object_area = max_object_area
         self.reverse_time_prob = reverse_time_prob
         self.augment = augment or ClipAugment(False, False, False)
 
@@ -306,7 +311,7 @@ class VideoClipTransform:
             ids.append(first_ids if i == 0 else _ids(sample, mask_field))
             if ids[-1].shape != frames[-1].size[::-1]:
                 raise _size_mismatch(sample, frame_field, frames[-1].size, mask_field, ids[-1].shape[::-1])
-        objects = _objects(first_ids)
+        objects = self._small_enough(first_ids)  # none left: a clip without objects, which trains nothing
         chosen = sorted(objects[i] for i in torch.randperm(len(objects))[: self.max_objects].tolist())
         masks = torch.stack([_binary(frame_ids, chosen) for frame_ids in ids])  # (T, K, H, W)
         frames, masks = self.augment.geometry(frames, masks)
@@ -315,6 +320,13 @@ class VideoClipTransform:
         return {"frames": torch.stack([TF.pil_to_tensor(frame) for frame in frames]),
                 "frame_masks": _renumber_by_first_frame(_id_map(masks)),
                 "frame_valid": torch.ones(len(frames), dtype=torch.bool), "key": sample["__key__"]}
+
+    def _small_enough(self, ids: np.ndarray) -> list[int]:
+        objects = _objects(ids)
+        if self.max_object_area >= 1.0:
+            return objects
+        areas = np.bincount(ids.ravel(), minlength=max(objects, default=0) + 1)
+        return [k for k in objects if areas[k] <= self.max_object_area * ids.size]
 
     def _window(self, sample: dict) -> tuple[list[tuple[str, str]], np.ndarray]:
         """``num_frames`` consecutive annotated frames (reversed with ``reverse_time_prob``) whose first shows an
@@ -468,11 +480,12 @@ class VideoSegmentationDataModule(ShardedDataModule):
     def __init__(self, cfg: VideoSegmentationDataConfig, seed: int = 0, mean: Sequence[float] = IMAGENET_MEAN,
                  std: Sequence[float] = IMAGENET_STD):
         augment = ClipAugment(cfg.hflip, cfg.affine, cfg.colour)
-        train = VideoClipTransform(cfg.image_size, cfg.num_frames, cfg.max_objects, cfg.reverse_time_prob, augment)
+        train = VideoClipTransform(cfg.image_size, cfg.num_frames, cfg.max_objects, cfg.reverse_time_prob, augment,
+                                   cfg.max_object_area)
         # Frames and masks are decoded in the transforms: a clip decodes only the frames it takes.
         super().__init__(cfg, train, WholeVideoTransform(cfg.image_size), seed=seed, mean=mean, std=std,
                          required_keys=())
-        self.image_transform = VideoClipTransform(cfg.image_size, 1, cfg.max_objects, 0.0, augment)
+        self.image_transform = VideoClipTransform(cfg.image_size, 1, cfg.max_objects, 0.0, augment, cfg.max_object_area)
 
     def setup(self, stage: str | None = None) -> None:
         super().setup(stage)

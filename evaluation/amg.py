@@ -26,7 +26,7 @@ import json
 import math
 import os
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, fields, replace
 from itertools import product
 from typing import Any, Literal
@@ -46,7 +46,7 @@ __all__ = [
     "AMGConfig", "AutomaticMaskGenerator", "build_point_grid", "build_all_layer_point_grids",
     "generate_crop_boxes", "stability_score", "masks_to_boxes_xyxy", "is_box_near_crop_edge", "uncrop_boxes",
     "uncrop_points", "uncrop_masks", "mask_to_rle", "rle_to_mask", "rle_area", "coco_rle", "segmentation_to_mask",
-    "remove_small_regions", "coco_results", "write_coco_results", "render_overlay",
+    "remove_small_regions", "coco_results", "write_coco_results", "write_coco_results_of_images", "render_overlay",
 ]
 
 OutputMode = Literal["binary_mask", "uncompressed_rle", "coco_rle"]
@@ -549,19 +549,36 @@ def coco_results(records: Sequence[Mapping[str, Any]], image_id: int, category_i
 
 def write_coco_results(records: Sequence[Mapping[str, Any]], image_id: int, path: str | os.PathLike,
                        category_id: int = 1) -> None:
-    """Write :func:`coco_results` of one image as a COCO results json (loadable by ``COCO.loadRes``), through a
-    temporary file and a rename so that a reader never sees half a file."""
+    """Write :func:`coco_results` of one image as a COCO results json (:func:`write_coco_results_of_images`)."""
+    write_coco_results_of_images([(image_id, records)], path, category_id)
+
+
+def write_coco_results_of_images(images: Iterable[tuple[int, Sequence[Mapping[str, Any]]]],
+                                 path: str | os.PathLike, category_id: int = 1) -> int:
+    """Write :func:`coco_results` of every ``(image_id, records)`` pair as one COCO results json (loadable by
+    ``COCO.loadRes``) and return how many entries it holds. The pairs are taken one at a time, so a generator
+    that segments each image as it is asked for keeps only one image's records in memory. The file is written
+    through a temporary file and a rename, so that a reader never sees half a file, nor one of a run that
+    failed part-way."""
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=".amg-", suffix=".json")
+    count = 0
     try:
         with os.fdopen(fd, "w") as f:
-            json.dump(coco_results(records, image_id, category_id), f)
+            f.write("[")  # json.dump's own list layout, entry by entry
+            for image_id, records in images:
+                for entry in coco_results(records, image_id, category_id):
+                    f.write(", " if count else "")
+                    json.dump(entry, f)
+                    count += 1
+            f.write("]")
         os.replace(tmp, path)
     except BaseException:
         os.unlink(tmp)
         raise
+    return count
 
 
 def render_overlay(image: np.ndarray, records: Sequence[Mapping[str, Any]], alpha: float = 0.5,

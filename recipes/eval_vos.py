@@ -12,16 +12,14 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-import models
 from datamodules.shards import expand_shards
 from datamodules.streams import ShardReader
 from datamodules.video_segmentation import VideoSegmentationDataConfig, check_video_shards, frame_pairs
 from evaluation.vos import DatasetScores, evaluate_video, frame_names, load_masks_from_pngs
-from models.sam.sam2 import load_official_sam2
+from models.sam.sam2 import SAM2
 from models.sam.video_predictor import jpeg_frame_paths, save_vos_pngs, segment_video
 from recipes.cli import parse_config
-from trainers.eval_model import source_model_name
-from trainers.handoff import load_state_dict
+from trainers.eval_model import load_sam_model
 
 
 @dataclass
@@ -46,18 +44,6 @@ class Config:
     """A text file of the videos to evaluate, a name a line (DAVIS ImageSets/2017/val.txt); None: every video."""
 
 
-def load_model(cfg: Config) -> torch.nn.Module:
-    path = Path(cfg.init_from)
-    official = path.suffix == ".pt" and "model" in torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    with torch.device("meta"):  # sam2's own files hold {"model": state}; a Prism run's config.yaml names its model
-        model = models.create(cfg.model or (path.stem if official else source_model_name(cfg.init_from)))
-    if official:
-        return load_official_sam2(model, path)
-    state = load_state_dict(path)  # a LightningModule's model.*, or the model's own keys (an export)
-    model.load_state_dict({k[6:]: v for k, v in state.items() if k.startswith("model.")} or state, assign=True)
-    return model
-
-
 def unpack_shards(spec: str, root: Path):
     reader = ShardReader(required_keys=(), max_corrupt_fraction=0.0, min_samples_for_corrupt_check=1 << 30)
     for sample in reader.tar_samples(reader.finite_urls(expand_shards(spec))):
@@ -77,7 +63,10 @@ def main(cfg: Config) -> DatasetScores:
     names = (sorted(d.name for d in truth.iterdir() if d.is_dir()) if cfg.videos
              else list(unpack_shards(cfg.data.val_shards, out)))
     names = Path(cfg.video_list).read_text().split() if cfg.video_list else names
-    model, scores = load_model(cfg).to("cuda" if torch.cuda.is_available() else "cpu").eval(), {}
+    model, scores = load_sam_model(cfg.init_from, cfg.model), {}
+    if not isinstance(model, SAM2):
+        raise ValueError(f"{cfg.init_from} holds a SAM, an image model: VOS needs a SAM 2 (sam2*_hiera_*)")
+    model = model.to("cuda" if torch.cuda.is_available() else "cpu").eval()
     for name in tqdm(names, desc="videos"):
         stems, annotated = [p.stem for p in jpeg_frame_paths(videos / name)], frame_names(truth / name)
         gt, idx = load_masks_from_pngs(truth / name, annotated), [stems.index(s) for s in annotated]

@@ -8,8 +8,9 @@ correction clicks, tracked through the memory over 8-frame clips; and SAM's inte
     python -m recipes.sam2_train --config recipes/configs/sam_vit_b_sa1b.yaml --data.train_shards '...'   # SAM
 
 Validation tracks each validation video from its first frame's masks and reports J&F, J, F (DAVIS protocol) and
-Boundary IoU, with overlays in W&B (image mode: IoU after one click and after a box); the weights are exported in
-the official layout to <run_dir>/export (sam2's {"model": state}, or segment-anything's state dict)."""
+Boundary IoU, with overlays in W&B; images (image mode, or 1-frame validation clips) get the mIoU after 1 and 5
+clicks and after the box, and the Boundary IoU after one click. The weights are exported in the official layout
+to <run_dir>/export (sam2's {"model": state}, or segment-anything's state dict)."""
 
 import dataclasses
 from dataclasses import dataclass, field
@@ -39,7 +40,8 @@ class Config:
     """Seed of weights, data order and the per-batch prompt decisions."""
     init_from: str | None = None
     """An official sam2.1_hiera_*.pt / sam2_hiera_*.pt (SAM 2.0: with --model.version 2.0) or sam_vit_*.pth
-    checkpoint, an export of this recipe, or an earlier run of it. Ignored when run_dir already has a checkpoint."""
+    checkpoint, an export of this recipe, or an earlier run of it; for sam_vit_*, also an MAE pre-trained ViT (an MAE
+    run or its export) for the image encoder. Ignored when run_dir already has a checkpoint."""
     model: SAM2ModelConfig = field(default_factory=lambda: SAM2ModelConfig(multimask_output_for_tracking=False))
     """The model, video or image mode, frozen parts, activation checkpointing. From scratch, one mask on tracked
     frames (with three, the nano model learned to ignore its memory: J&F stayed near 0)."""
@@ -84,7 +86,7 @@ def main(cfg: Config, config_yaml: str = "") -> dict:
 
     headline = (f"SAM training, {m.name} in {m.mode} mode @ {d.image_size}px, clips of {d.num_frames} frame(s) with "
                 f"up to {d.max_objects} objects" + (f", frozen: {', '.join(m.freeze)}" if m.freeze else ""))
-    report = ("mIoU_1_click", "mIoU_box") if m.mode == "image" else ("J&F", "J", "F", "boundary_iou")
+    report = ("J&F", "J", "F", "boundary_iou", "mIoU_1_click", "mIoU_5_clicks", "mIoU_box", "image_boundary_iou")
     return run(dataclasses.replace(cfg, trainer=find_unused_parameters(cfg.trainer)), config_yaml, method,
                datamodule, export=export, callbacks=[panel], validate=bool(d.val_shards), headline=headline,
                report=report)

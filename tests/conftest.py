@@ -1,6 +1,7 @@
 import os
 
 import pytest
+import torch
 
 
 @pytest.fixture(autouse=True)
@@ -16,6 +17,16 @@ def _clean_cluster_env(monkeypatch):
     # An in-process wandb.init exports the address of its service process. Recipes started afterwards would
     # attach to it and share its run registry, so the id of a run killed by a test would stay "in use" on resume.
     os.environ.pop("WANDB_SERVICE", None)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny ops on a shared 2-core machine: intra-op threads only add waits (a test module opts in with
+    ``pytestmark = pytest.mark.usefixtures("one_thread")``)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def pytest_collection_modifyitems(config, items):

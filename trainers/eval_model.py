@@ -1,4 +1,5 @@
-"""The network an evaluation recipe measures: any Prism checkpoint as an ``evaluation.model.EvalModel``.
+"""The network an evaluation recipe measures: any Prism checkpoint as an ``evaluation.model.EvalModel``, and a
+SAM or SAM 2 from an official file or a Prism run (:func:`load_sam_model`).
 
 The architecture is read from the source run's config.yaml unless given (an MAE run's ``mae_vit_*`` becomes
 its encoder ``vit_*``). A checkpoint without a classifier for the evaluation's classes (MAE, SWAG's hashtag
@@ -8,6 +9,8 @@ features of training images, which the caller reads (trainers do not read data).
 
 from __future__ import annotations
 
+import re
+import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,11 +18,15 @@ from pathlib import Path
 import torch
 import yaml
 from lightning.pytorch.utilities import rank_zero_info
+from torch import nn
 
 import models
 from evaluation.model import EvalModel, LabelledImages
+from models.sam.sam import SAM, official_sam_state
+from models.sam.sam2 import SAM2, load_official_sam2
 from trainers.classification import classifier_kwargs
-from trainers.handoff import classifier_name, init_backbone
+from trainers.handoff import classifier_name, init_backbone, load_state_dict
+from trainers.sam2 import SAM2ModelConfig
 
 
 @dataclass
@@ -37,17 +44,26 @@ class EvalModelConfig:
     """'auto' (cuda when available), 'cpu' or 'cuda'."""
 
 
-def source_model_name(init_from: str) -> str:
-    """model.name from the config.yaml of the run that holds ``init_from`` (a run dir or a file inside one)."""
+def source_model_section(init_from: str) -> dict:
+    """The ``model`` section of the config.yaml of the run that holds ``init_from`` (a run dir or a file inside
+    one) that names a model; empty when there is none."""
     path = Path(init_from).resolve()
     for folder in [path, *path.parents][:4]:
         config = folder / "config.yaml"
         if config.is_file():
-            name = ((yaml.safe_load(config.read_text()) or {}).get("model") or {}).get("name")
-            if name:
-                return name.removeprefix("mae_")
-    raise ValueError(f"Cannot tell which model {init_from} holds: no config.yaml with model.name in it or its "
-                     "parents. Pass --model.name (e.g. vit_tiny_patch8).")
+            section = (yaml.safe_load(config.read_text()) or {}).get("model") or {}
+            if isinstance(section, dict) and section.get("name"):
+                return section
+    return {}
+
+
+def source_model_name(init_from: str) -> str:
+    """model.name from the config.yaml of the run that holds ``init_from`` (an MAE model's encoder for mae_*)."""
+    name = source_model_section(init_from).get("name")
+    if not name:
+        raise ValueError(f"Cannot tell which model {init_from} holds: no config.yaml with model.name in it or its "
+                         "parents. Pass --model.name (e.g. vit_tiny_patch8).")
+    return name.removeprefix("mae_")
 
 
 def load_eval_model(init_from: str, cfg: EvalModelConfig, num_classes: int, image_size: int,
@@ -71,3 +87,54 @@ def load_eval_model(init_from: str, cfg: EvalModelConfig, num_classes: int, imag
         rank_zero_info(f"head: fitted a linear head (logistic regression, L-BFGS) on the frozen features of "
                        f"{len(fit.labels)} training images; training accuracy {train_acc:.1f}%")
     return model
+
+
+def official_sam_name(path: str | Path) -> str:
+    """The registered model an official file holds, by its name: ``sam_vit_b_01ec64.pth`` -> ``sam_vit_b`` (SAM
+    files carry a hash), ``sam2.1_hiera_base_plus.pt`` / ``sam2_hiera_large.pt`` -> the stem (SAM 2 files do not)."""
+    stem = Path(path).stem
+    match = re.match(r"sam_vit_[a-z]+(?=_|$)", stem)
+    name = match[0] if match else stem
+    if name not in models.list_models():
+        raise ValueError(f"Cannot tell which model {path} holds from its file name (official files are named "
+                         "sam_vit_{b,l,h}_*.pth, sam2.1_hiera_*.pt or sam2_hiera_*.pt). Pass --model, one of: "
+                         f"{', '.join(models.list_models('sam*'))}.")
+    return name
+
+
+def load_sam_model(init_from: str, name: str | None = None) -> nn.Module:
+    """A SAM or SAM 2 on the CPU with the weights of ``init_from``: an official segment-anything ``sam_vit_*.pth``
+    (its state dict), an official sam2 ``sam2*.pt`` (``{"model": state}``), or a Prism run directory, ``.ckpt``,
+    DeepSpeed directory or export. ``name`` is the registered model; None: the official file's name
+    (:func:`official_sam_name`) or the run's config.yaml model.name. The model is left in train mode, as built."""
+    path = Path(init_from)
+    checkpoint = (torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+                  if path.is_file() and path.suffix in (".pt", ".pth") else {})
+    # Lightning checkpoints hold state_dict, a plainly saved LightningModule state model.*; official files neither
+    official = bool(checkpoint) and "state_dict" not in checkpoint and not any(
+        str(k).startswith("model.") for k in checkpoint)
+    name = name or (official_sam_name(path) if official else source_model_name(init_from))
+    with torch.device("meta"):  # the file's tensors replace the parameters: no random init of a ViT-H
+        model = _sam_as_trained(name, {} if official else source_model_section(init_from))
+    if not isinstance(model, (SAM, SAM2)):
+        raise ValueError(f"{name} is a {type(model).__name__}, not a SAM (sam_vit_*) or SAM 2 (sam2*_hiera_*) model")
+    if set(dict(model.named_buffers())) - model.state_dict().keys():
+        model = models.create(name)  # constants outside the state dict (SAM's pixel mean / std) need a real build
+    if official and isinstance(model, SAM2):
+        return load_official_sam2(model, path)
+    if official:
+        state = official_sam_state(checkpoint, model)
+    else:
+        state = load_state_dict(path)  # a LightningModule's model.*, or the model's own keys (an export)
+        state = {k[6:]: v for k, v in state.items() if k.startswith("model.")} or state
+    model.load_state_dict(state, strict=True, assign=True)
+    return model
+
+
+def _sam_as_trained(name: str, section: dict) -> nn.Module:
+    """The model ``name`` as the Prism run whose config ``section`` is given trained it: SAM 2's version and its
+    multimask choice on tracked frames change the architecture or the masks, so they come from the run."""
+    if section.get("name") != name or name.startswith("sam_vit_"):
+        return models.create(name)
+    fields = ("version", "multimask_output_for_tracking")
+    return SAM2ModelConfig(name=name, **{k: section[k] for k in fields if section.get(k) is not None}).build()

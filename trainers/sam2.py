@@ -37,7 +37,6 @@ from typing import NamedTuple
 import lightning as L
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import WandbLogger
@@ -56,9 +55,11 @@ from models.sam.sam2 import SAM2, SAM2_CONFIGS, FrameFeatures, MemoryBank, StepO
 from models.sam.tracking import track_video
 from trainers.build import TrainerConfig
 from trainers.checkpoint import AtomicCheckpointIO
+from trainers.distributed import gather_objects
 from trainers.handoff import load_into
 from trainers.method import Method, as_config
 from trainers.optim import OptimConfig, build_optimizer, build_warmup_cosine, vit_layer_id, warmup_step_decay_factor
+from trainers.sam_init import init_sam_from_vit, read_vit
 from trainers.sam_loss import LOSS_KEYS, MOSE_WEIGHTS, StepPrediction, global_num_objects, sam2_loss
 from trainers.sam_prompts import (
     get_next_point,
@@ -91,6 +92,12 @@ LAYER_NORMS = (nn.LayerNorm, TimmLayerNorm)
 """Module classes whose parameters never decay: exactly torch's LayerNorm (sam2's configs name
 ``torch.nn.LayerNorm``), and timm's LayerNorm, the same op that timm's Hiera trunk uses where sam2's Hiera has
 torch's. Channel norms of NCHW maps (LayerNorm2d, a class of its own in sam2) decay, as upstream."""
+
+CLICKS_SCORED = (1, 5)
+"""Validation on images: the IoU after this many clicks (SAM 2's SA-23 figures are after 1 and 5)."""
+IMAGE_METRICS = {"1_click": "mIoU_1_click", "5_clicks": "mIoU_5_clicks", "box": "mIoU_box",
+                 "boundary_iou": "image_boundary_iou"}
+"""Validation on images: record entry -> logged name (val/...), each the mean over objects in percent."""
 
 # This module reads the objects per clip on the host before the batch moves (on_before_batch_transfer) while the
 # datamodule normalises frames after it; Lightning warns that the two hooks live in different objects.
@@ -486,12 +493,20 @@ class SAM2Training(Method):
         steps, targets, count = self.simulate(batch)
         normaliser = global_num_objects(count, batch["frames"].device)  # every rank joins this all-reduce
         if count == 0:  # no object in any clip of this rank: a zero loss that reaches every trained weight
-            zero = sum(p.sum() for p in self.model.parameters() if p.requires_grad) * 0.0
+            zero = self._zero_reaching_every_weight()
             self._losses = {key: zero.detach() for key in LOSS_KEYS}
             return zero
         losses = sam2_loss(steps, targets, normaliser, self.loss_weights, iou_use_l1=self.is_sam2)
         self._losses = {key: losses[key].detach() for key in LOSS_KEYS}
+        if not losses["core_loss"].requires_grad:
+            # Every frame was a ground-truth mask prompt (1-frame clips, or 2 frames both conditioning): the outputs
+            # are the masks themselves and nothing was predicted, so nothing learns from this batch.
+            return losses["core_loss"] + self._zero_reaching_every_weight()
         return losses["core_loss"]
+
+    def _zero_reaching_every_weight(self) -> Tensor:
+        """0, with a gradient path to every trained weight, so that backward and DDP's reduction run as usual."""
+        return sum(p.sum() for p in self.model.parameters() if p.requires_grad) * 0.0
 
     def training_metrics(self) -> dict[str, Tensor]:
         """The loss terms (detached; SAM's object-score term, weighted 0, is left out)."""
@@ -553,9 +568,7 @@ class SAM2Training(Method):
         actions.insert(plan.refine_at, "refine")
         for action in actions + ["refine"]:
             if action == "click":
-                new_points, new_labels = sample_random_points_from_errors(gt, out.high_res > 0)
-                clicks = (new_points, new_labels) if clicks is None else (
-                    torch.cat([clicks[0], new_points], 1), torch.cat([clicks[1], new_labels], 1))
+                clicks = _append_clicks(clicks, sample_random_points_from_errors(gt, out.high_res > 0))
             out = predict(box, clicks, out.low_res, False)
             steps.append(out)
         return [step.supervised() for step in steps]
@@ -607,9 +620,9 @@ class SAM2Training(Method):
         self._val, self.vos_examples = [], None
 
     def validation_step(self, batch, batch_idx):
-        """Video mode: each video tracked from its frame-0 masks (``track_video``), scored with J, F and Boundary IoU
-        on its annotated frames but the first and last (DAVIS). Image mode: IoU after one centre click and after
-        the exact box on frame 0."""
+        """Videos: each tracked from its frame-0 masks (``track_video``), scored with J, F and Boundary IoU on its
+        annotated frames but the first and last (DAVIS). Images (image mode, or 1-frame clips such as image shards
+        validated in video mode): interactive clicks and the exact box (``_score_image``)."""
         counts = self._objects(batch)
         for b, count in enumerate(counts):
             if not count:
@@ -618,13 +631,15 @@ class SAM2Training(Method):
             ids = torch.arange(1, count + 1, dtype=masks.dtype, device=masks.device)
             gt = masks[:, None] == ids[:, None, None]  # (T, K, S, S)
             key = batch["key"][b] if "key" in batch else f"{batch_idx}/{b}"
-            if self.model_cfg.mode == "image":
-                self._val.append(self._score_image(frames[0], gt[0, :, None]))
+            if self.model_cfg.mode == "image" or frames.shape[0] == 1:
+                record, first_click = self._score_image(frames[0], gt[0, :, None])
+                self._val.append(record)
+                pred = first_click[None]
             else:
-                logits = track_video(self.model, frames, gt[0], output_device="cpu")
-                self._val.append(self._score_video(key, gt.cpu(), logits > 0, batch["frame_valid"][b].cpu()))
-                if self.vos_examples is None:
-                    self.vos_examples = (frames.float().cpu(), _id_map(gt.cpu()), _id_map(logits > 0), key)
+                pred = track_video(self.model, frames, gt[0], output_device="cpu") > 0
+                self._val.append(self._score_video(key, gt.cpu(), pred, batch["frame_valid"][b].cpu()))
+            if self.vos_examples is None:
+                self.vos_examples = (frames.float().cpu(), _id_map(gt.cpu()), _id_map(pred.cpu()), key)
 
     def _score_video(self, key: str, gt: Tensor, pred: Tensor, valid: Tensor) -> dict:
         """J and F per object (evaluation.vos, DAVIS protocol) and the Boundary IoU of each scored (object, frame)."""
@@ -636,34 +651,54 @@ class SAM2Training(Method):
                 ((k, torch.as_tensor(f, dtype=torch.long)) for k, f in scores.frames.items())]
         return {"key": key, "scores": scores, "boundary_iou": torch.cat(biou).tolist() if biou else []}
 
-    def _score_image(self, image: Tensor, gt: Tensor) -> dict:
-        """IoU of the best-scored of three candidates after one centre click, and after the exact box."""
+    def _score_image(self, image: Tensor, gt: Tensor) -> tuple[dict, Tensor]:
+        """IoU after 1 and after 5 clicks and after the exact box, and the Boundary IoU after one click, of the O
+        objects in ``gt`` (O, 1, S, S); and the (O, S, S) masks after one click. The clicks follow the protocol of
+        SAM's point evaluation (Kirillov et al. 2023, §7.1 and appendix D.1): each at the centre of the largest
+        error region, the first with three candidates of which the best-scored is kept, later ones with all the
+        clicks so far, the previous logits as the mask prompt and a single mask, as SAM trains (appendix A)."""
         predict = self._image_predictor(image[None], torch.zeros(gt.shape[0], dtype=torch.long, device=gt.device))
-        click = predict(None, sample_one_point_from_error_center(gt, None), None, True)
+        out, clicks, masks_after = None, None, {}
+        for n in range(1, CLICKS_SCORED[-1] + 1):
+            new = sample_one_point_from_error_center(gt, None if out is None else out.high_res > 0)
+            clicks = _append_clicks(clicks, new)
+            out = predict(None, clicks, None if out is None else out.low_res, out is None)
+            if n in CLICKS_SCORED:
+                masks_after[n] = out.high_res[:, 0] > 0
         box = predict(sample_box_points(gt, noise=0)[0], None, None, True)
-        return {"1_click": region_similarity_torch(gt[:, 0], click.high_res[:, 0] > 0).tolist(),
-                "box": region_similarity_torch(gt[:, 0], box.high_res[:, 0] > 0).tolist()}
+        first = masks_after[CLICKS_SCORED[0]]
+        record = {f"{n}_click{'s' if n > 1 else ''}": region_similarity_torch(gt[:, 0], pred).tolist()
+                  for n, pred in masks_after.items()}
+        record |= {"box": region_similarity_torch(gt[:, 0], box.high_res[:, 0] > 0).tolist(),
+                   "boundary_iou": boundary_iou(gt[:, 0], first).tolist()}
+        return record, first.cpu()
 
     def on_validation_epoch_end(self) -> None:
         local, self._val = self._val, []
-        gathered = _gather_objects(local)
-        if not gathered:
+        gathered = gather_objects(local)
+        images = [record for record in gathered if "box" in record]
+        for name in IMAGE_METRICS:  # every rank holds the same gathered numbers
+            values = [v for record in images for v in record[name]]
+            if values:
+                self.log(f"val/{IMAGE_METRICS[name]}", 100.0 * float(np.mean(values)), prog_bar=name == "1_click")
+        videos = [record for record in gathered if "scores" in record]
+        if not videos:
             return
-        if self.model_cfg.mode == "image":
-            for name in ("1_click", "box"):
-                ious = [iou for record in gathered for iou in record[name]]
-                self.log(f"val/mIoU_{name}", 100.0 * float(np.mean(ious)), prog_bar=name == "1_click")
-            return
-        metrics = _vos_metrics(gathered)
+        metrics = _vos_metrics(videos)
         self.vos_table = metrics.pop("table")
-        for name, value in metrics.items():  # every rank holds the same gathered numbers
+        for name, value in metrics.items():
             self.log(f"val/{name}", value, prog_bar=name == "J&F")
 
     # -- weights in and out --------------------------------------------------------------------------------------
     def init_from(self, source) -> list[str]:
         """An official checkpoint (sam2's ``{"model": state}``, e.g. sam2.1_hiera_base_plus.pt, or SAM's
         sam_vit_b_01ec64.pth; SAM 2.0 files need --model.version 2.0), an export of this method, or an earlier
-        Prism run (run directory or .ckpt) of the same model."""
+        Prism run (run directory or .ckpt) of the same model; or, for a SAM, an MAE pre-trained ViT (an MAE run, its
+        encoder export, facebookresearch/mae's mae_pretrain_vit_*.pth) into the image encoder's trunk
+        (trainers.sam_init)."""
+        vit = read_vit(source)
+        if vit is not None:
+            return init_sam_from_vit(self.model, vit, self.model_cfg.name)
         path = Path(source)
         if path.is_file() and path.suffix in (".pt", ".pth"):
             checkpoint = torch.load(path, map_location="cpu", weights_only=True)
@@ -705,19 +740,17 @@ def _choose(low: Tensor, ious: Tensor, side: int) -> _Prediction:
     return _Prediction(high, ious, ious.new_zeros(low.shape[0], 1), low[rows, best, None], high[rows, best, None])
 
 
+def _append_clicks(clicks: tuple[Tensor, Tensor] | None, new: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+    """(points (O, N, 2), labels (O, N)) with the new clicks after the earlier ones."""
+    if clicks is None:
+        return new
+    return torch.cat([clicks[0], new[0]], 1), torch.cat([clicks[1], new[1]], 1)
+
+
 def _id_map(masks: Tensor) -> Tensor:
     """(T, K, S, S) bool -> (T, S, S) uint8 ids 1..K (the later object where two overlap), 0 background."""
     ids = torch.arange(1, masks.shape[1] + 1, dtype=torch.uint8).view(1, -1, 1, 1)
     return (masks.to(torch.uint8) * ids).amax(dim=1)
-
-
-def _gather_objects(local: list) -> list:
-    """Every rank's records, in rank order (validation only: a collective per epoch)."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return local
-    parts: list[list | None] = [None] * dist.get_world_size()
-    dist.all_gather_object(parts, local)
-    return [record for part in parts for record in part]
 
 
 def _vos_metrics(records: list[dict]) -> dict:

@@ -413,9 +413,12 @@ def segment_video(model: SAM2, frames: str | Path | Sequence[np.ndarray] | np.nd
     the objects' masks apart (per-object PNGs, SA-V). Returns object id -> (T, H, W) bool masks of the prompted
     objects, False before an object's prompt.
     """
-    prompts = vos_prompts(annotations, annotated_frames, later_objects)
+    where = f"{frames}: " if isinstance(frames, (str, Path)) else ""
+    try:
+        prompts = vos_prompts(annotations, annotated_frames, later_objects)
+    except ValueError as err:
+        raise ValueError(f"{where}{err}") from None
     if not prompts:
-        where = f"{frames}: " if isinstance(frames, (str, Path)) else ""
         raise ValueError(f"{where}no object on frame 0 of the annotations (with later_objects, objects are tracked "
                          "from the first annotated frame that shows them)")
     predictor = VideoPredictor(model, non_overlap_masks=non_overlap)
@@ -482,12 +485,19 @@ def vos_prompts(masks: Mapping[Hashable, np.ndarray], frames: Sequence[int],
     """The prompts of semi-supervised VOS from a video's annotations, ``masks[obj]`` (A, H, W) on the annotated
     frames ``frames``: every object on frame 0 with its frame-0 mask (tools/vos_inference.py); with
     ``later_objects``, every object with its mask on the first annotated frame that shows it
-    (vos_separate_inference_per_object). Returns object id -> (frame_idx, mask)."""
-    prompts = {}
+    (vos_separate_inference_per_object). Returns object id -> (frame_idx, mask). An object whose masks are empty
+    on every annotated frame (an empty per-object folder of the SA-V layout) can be neither prompted nor scored: a
+    ValueError names it."""
+    prompts, never = {}, []
     for obj_id, obj_masks in masks.items():
         shown = [(int(t), mask) for t, mask in zip(frames, obj_masks) if mask.any()]
-        if shown and (later_objects or shown[0][0] == 0):
+        if not shown:
+            never.append(obj_id)
+        elif later_objects or shown[0][0] == 0:
             prompts[obj_id] = shown[0]
+    if never:
+        raise ValueError(f"object(s) {', '.join(map(str, never))} have no pixel on any of the {len(frames)} annotated "
+                         "frames: remove their annotation folders or fix their masks")
     return prompts
 
 

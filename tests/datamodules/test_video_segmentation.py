@@ -88,7 +88,8 @@ def _assert_objects_1_to_k_in_frame_0(frame_masks: torch.Tensor, max_objects: in
 
 
 @pytest.mark.parametrize("field, value", [("num_frames", 0), ("max_objects", 0), ("max_objects", 256),
-                                          ("reverse_time_prob", 1.5), ("image_prob", 0.0), ("decode", "device")])
+                                          ("reverse_time_prob", 1.5), ("image_prob", 0.0), ("decode", "device"),
+                                          ("max_object_area", 0.0), ("max_object_area", 1.5)])
 def test_config_rejects_bad_values_naming_the_flag(field, value):
     with pytest.raises(ValueError, match=f"--data.{field}"):
         VideoSegmentationDataConfig(**{field: value})
@@ -240,6 +241,18 @@ def test_time_reversal_happens_with_its_probability_and_reverses_the_masks_too(p
         assert steps in ({1}, {-1}), times
         reversed_clips += steps == {-1}
     assert low <= reversed_clips <= high
+
+
+@pytest.mark.parametrize("max_area, kept", [(1.0, {1, 2, 3}), (0.9, {2, 3}), (0.04, {3}), (0.005, set())])
+def test_objects_over_the_area_limit_are_never_drawn(max_area, kept):
+    """An image of 20 x 20 = 400 pixels: object 1 covers 376 (94%), object 2 20 (5%), object 3 4 (1%)."""
+    ids = np.ones((20, 20))
+    ids[:4, :5], ids[18:, 18:] = 2, 3
+    sample = _video("im", [np.full((20, 20, 3), 90)], [ids])
+    transform = VideoClipTransform(20, 1, max_objects=3, max_object_area=max_area)
+    masks = transform(sample)["frame_masks"][0]  # every object left is drawn: max_objects is 3
+    areas = {int((masks == k).sum()) for k in range(1, int(masks.max()) + 1)}
+    assert areas == {{1: 376, 2: 20, 3: 4}[k] for k in kept}
 
 
 def test_validation_is_the_whole_video_resized_with_unannotated_frames_flagged(tmp_path):

@@ -38,19 +38,12 @@ from evaluation.amg import (
 )
 from models.registry import create
 from models.sam.sam import ImagePredictor, official_sam_state
-from tests.models.test_sam_model import reference_nano
+from tests.models.test_sam_model import follow_regions, reference_nano
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 SCORE_ATOL = 1e-4
 LOGIT_TIE = 1e-3  # a mask pixel may differ from the reference's only where the logit is this close to 0
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny ops on a busy 2-core machine: intra-op threads only add waits."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 # -- hand-computed vectors -------------------------------------------------------------------------------------
@@ -243,14 +236,7 @@ def pair():
     over their taps to give masks that follow the image's regions, and the hypernetwork output is scaled up so
     that logits sit well away from the threshold."""
     torch.manual_seed(0)
-    ref = reference_nano()
-    with torch.no_grad():
-        for i in (0, 3):
-            w = ref.mask_decoder.output_upscaling[i].weight
-            w.copy_(w.mean((2, 3), keepdim=True).expand_as(w))
-        for mlp in ref.mask_decoder.output_hypernetworks_mlps:
-            mlp.layers[-1].weight.mul_(10)
-            mlp.layers[-1].bias.mul_(10)
+    ref = follow_regions(reference_nano(), logit_scale=10)
     ours = create("sam_vit_nano").eval()
     ours.load_state_dict(official_sam_state({k: v.clone() for k, v in ref.state_dict().items()}, ours))
     return ref, ours

@@ -12,18 +12,9 @@ import sam2
 import torch
 import yaml
 from sam2.build_sam import build_sam2
-from sam2.modeling.backbones.hieradet import Hiera
-from sam2.modeling.backbones.image_encoder import FpnNeck, ImageEncoder
-from sam2.modeling.memory_attention import MemoryAttention as RefMemoryAttention
-from sam2.modeling.memory_attention import (
-    MemoryAttentionLayer as RefMemoryAttentionLayer,
-)
-from sam2.modeling.memory_encoder import CXBlock, Fuser, MaskDownSampler
-from sam2.modeling.memory_encoder import MemoryEncoder as RefMemoryEncoder
-from sam2.modeling.position_encoding import PositionEmbeddingSine
-from sam2.modeling.sam.transformer import RoPEAttention
 from sam2.modeling.sam2_base import SAM2Base
 
+from benchmarks.sam2 import official_nano_modules
 from models.registry import create
 from models.sam.sam2 import (
     NO_OBJ_SCORE,
@@ -55,22 +46,10 @@ def yaml_flags(version: str) -> dict:
 def sam2_nano(version: str = "2.1") -> SAM2Base:
     """sam2's SAM2Base with the official flags of ``version`` around modules of sam2.1_hiera_nano's sizes, built from
     sam2.modeling classes; parameters that start constant get noise so that a misplaced one shows."""
-    trunk = Hiera(embed_dim=32, num_heads=1, stages=(1, 1, 2, 1), global_att_blocks=(3,), window_spec=(4, 4, 4, 2),
-                  window_pos_embed_bkg_spatial_size=(4, 4))
-    neck = FpnNeck(PositionEmbeddingSine(num_pos_feats=64), d_model=64, backbone_channel_list=[256, 128, 64, 32],
-                   fpn_top_down_levels=[2, 3], fpn_interp_model="nearest")
-    rope = dict(rope_theta=10000.0, feat_sizes=[8, 8], embedding_dim=64, num_heads=1, downsample_rate=1, dropout=0.1)
-    layer = RefMemoryAttentionLayer(
-        activation="relu", d_model=64, dim_feedforward=256, dropout=0.1, pos_enc_at_attn=False,
-        pos_enc_at_cross_attn_keys=True, pos_enc_at_cross_attn_queries=False, self_attention=RoPEAttention(**rope),
-        cross_attention=RoPEAttention(**rope, rope_k_repeat=True, kv_in_dim=32))
-    memory_encoder = RefMemoryEncoder(
-        out_dim=32, in_dim=64, mask_downsampler=MaskDownSampler(embed_dim=64, kernel_size=3, stride=2, padding=1),
-        fuser=Fuser(CXBlock(dim=64, kernel_size=7, padding=3, layer_scale_init_value=1e-6, use_dwconv=True), 2),
-        position_encoding=PositionEmbeddingSine(num_pos_feats=32))
+    image_encoder, memory_attention, memory_encoder = official_nano_modules()
     flags = dict(yaml_flags(version), image_size=SIDE)
-    ref = SAM2Base(ImageEncoder(trunk, neck, scalp=1), RefMemoryAttention(64, True, layer, num_layers=2),
-                   memory_encoder, sam_mask_decoder_extra_args=DYNAMIC_MULTIMASK, **flags)
+    ref = SAM2Base(image_encoder, memory_attention, memory_encoder, sam_mask_decoder_extra_args=DYNAMIC_MULTIMASK,
+                   **flags)
     with torch.no_grad():
         for name, param in ref.named_parameters():
             if name.startswith(("no_", "maskmem_tpos_enc")) or "pos_embed" in name:
@@ -80,6 +59,20 @@ def sam2_nano(version: str = "2.1") -> SAM2Base:
             elif param.dim() == 1:  # norms and biases
                 param.add_(0.1 * torch.randn_like(param))
     return ref.eval()
+
+
+def sam2_nano_checkpoint(directory: pathlib.Path, logit_scale: float = 120.0) -> tuple[SAM2Base, pathlib.Path]:
+    """``sam2_nano()`` from seed 0 with its mask logits scaled up, so that masks cover parts of the image and the
+    +-32 clamp of the image predictor's low-res logits acts, and the same weights as an official checkpoint."""
+    torch.manual_seed(0)
+    base = sam2_nano()
+    with torch.no_grad():
+        for mlp in base.sam_mask_decoder.output_hypernetworks_mlps:
+            mlp.layers[-1].weight.mul_(logit_scale)
+            mlp.layers[-1].bias.mul_(logit_scale)
+    path = directory / "sam2.1_hiera_nano.pt"
+    torch.save({"model": base.state_dict()}, path)
+    return base, path
 
 
 def ours_from(ref: SAM2Base, version: str, tmp_path: pathlib.Path) -> SAM2:

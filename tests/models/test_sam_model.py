@@ -60,6 +60,20 @@ def reference_nano() -> ref_modeling.Sam:
     return sam
 
 
+def follow_regions(sam: ref_modeling.Sam, logit_scale: float) -> ref_modeling.Sam:
+    """Random transposed-conv kernels paint a 2 x 2 checkerboard over every mask; made constant over their taps,
+    they give masks that follow the image's regions, and the scaled hypernetwork output puts logits well away from
+    the threshold."""
+    with torch.no_grad():
+        for i in (0, 3):
+            w = sam.mask_decoder.output_upscaling[i].weight
+            w.copy_(w.mean((2, 3), keepdim=True).expand_as(w))
+        for mlp in sam.mask_decoder.output_hypernetworks_mlps:
+            mlp.layers[-1].weight.mul_(logit_scale)
+            mlp.layers[-1].bias.mul_(logit_scale)
+    return sam
+
+
 @pytest.fixture(scope="module")
 def pair():
     torch.manual_seed(0)

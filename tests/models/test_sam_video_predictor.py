@@ -16,7 +16,7 @@ from models.sam.image_predictor import SAM2ImageModel, SAM2ImagePredictor
 from models.sam.sam import ImagePredictor
 from models.sam.sam2 import NO_OBJ_SCORE, _non_overlapping, load_official_sam2
 from models.sam.video_predictor import VideoFrames, VideoPredictor, segment_video
-from tests.models.test_sam2_model import DYNAMIC_MULTIMASK, SIDE, sam2_nano, yaml_flags
+from tests.models.test_sam2_model import DYNAMIC_MULTIMASK, SIDE, sam2_nano_checkpoint, yaml_flags
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -30,15 +30,7 @@ NANO_FEATURE_SIZES = [(32, 32), (16, 16), (8, 8)]
 def weights(tmp_path_factory):
     """sam2's SAM2Base at the nano size, its mask logits scaled up so that masks cover parts of the image and the
     +-32 clamp of the image predictor's low-res logits acts; and the same weights as an official checkpoint."""
-    torch.manual_seed(0)
-    base = sam2_nano()
-    with torch.no_grad():
-        for mlp in base.sam_mask_decoder.output_hypernetworks_mlps:
-            mlp.layers[-1].weight.mul_(120.0)
-            mlp.layers[-1].bias.mul_(120.0)
-    path = tmp_path_factory.mktemp("sam2") / "sam2.1_hiera_nano.pt"
-    torch.save({"model": base.state_dict()}, path)
-    return base, path
+    return sam2_nano_checkpoint(tmp_path_factory.mktemp("sam2"))
 
 
 def our_model(path, **overrides):
@@ -302,3 +294,6 @@ def test_segment_video_follows_vos_inference(weights, video):
     assert not apart[3][:2].any() and apart[3][2:].any() and (apart[1] & overlapping[3]).any()
     with pytest.raises(ValueError, match=r"video0: no object on frame 0 of the annotations \(with later_objects"):
         segment_video(model, video, {5: annotations[3]}, [0, 2])
+    empty = {1: annotations[1], "sav-object-7": np.zeros_like(annotations[1])}
+    with pytest.raises(ValueError, match=r"video0: object\(s\) sav-object-7 have no pixel on any of the 2 annotated"):
+        segment_video(model, video, empty, [0, 2])

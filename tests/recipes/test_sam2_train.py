@@ -92,6 +92,7 @@ def test_the_shipped_configs_parse_with_the_published_settings():
     sam, _ = parse_config(Config, ["--config", str(CONFIGS / "sam_vit_b_sa1b.yaml")])
     assert (sam.model.name, sam.model.mode, sam.optim.lr, sam.optim.layer_decay) == ("sam_vit_b", "image", 8e-4, 0.6)
     assert sam.data.batch_size * sam.trainer.devices * sam.trainer.num_nodes == 128
+    assert (sam.data.max_objects, sam.data.max_object_area) == (64, 0.9)  # up to 64 masks per GPU, none over 90%
 
 
 def _png(array: np.ndarray, fmt: str) -> bytes:
@@ -110,6 +111,29 @@ def _video_shard(directory, frames: int, frame_side: int, mask_side: int) -> str
             sample[f"{t:03d}.mask.png"] = _png(ids, "PNG")
         writer.write(sample)
     return str(directory / "videos-000000.tar")
+
+
+def _image_shard(directory, side: int = 128) -> str:
+    """Two images with two instance masks each (make_shards --format coco's fields: jpg and mask.png)."""
+    with ShardWriter(str(directory), "images", max_count=10) as writer:
+        for i in range(2):
+            ids = np.zeros((side, side), np.uint8)
+            ids[10 + 5 * i : 60, 20:70] = 1
+            ids[70:110, 60 + 10 * i : 120] = 2
+            image = np.where(ids[..., None] > 0, 40 + 80 * ids[..., None], 200).astype(np.uint8).repeat(3, -1)
+            writer.write({"__key__": f"im{i}", "jpg": _png(image, "JPEG"), "mask.png": _png(ids, "PNG")})
+    return str(directory / "images-000000.tar")
+
+
+def test_images_validate_with_clicks_and_a_box_in_video_mode(run_recipe, tmp_path):
+    run_dir = tmp_path / "run"
+    proc = run_recipe("recipes.sam2_train", "--run_dir", str(run_dir), *TINY, "--trainer.max_steps", "2",
+                      "--trainer.val_every_n_steps", "2", "--data.val_shards", _image_shard(tmp_path))
+    out = _summary(proc.stdout)
+    assert {"mIoU_1_click", "mIoU_5_clicks", "mIoU_box", "image_boundary_iou"} <= set(out) and "J&F" not in out
+    row = [r for r in _metrics(run_dir) if r.get("val/mIoU_5_clicks")][-1]
+    assert all(0 <= float(row[f"val/{name}"]) <= 100 for name in ("mIoU_1_click", "mIoU_5_clicks", "mIoU_box"))
+    assert list((run_dir / "wandb").glob("offline-run-*/files/media/images/val/vos_overlays_*.png"))
 
 
 @pytest.mark.parametrize("case", ["short video", "mask size", "other SAM version", "image size"])

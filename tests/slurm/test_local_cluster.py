@@ -1,6 +1,8 @@
 """The real recipe through `python -m slurm.submit` on a real (local, single-node) SLURM."""
 
+import csv
 import glob
+import re
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -67,3 +69,28 @@ if [ "${{SLURM_RESTART_COUNT:-0}}" = 0 ]; then scontrol requeue "$SLURM_JOB_ID";
     assert done["Restarts"] == "1"
     log = (tmp_path / f"{job_id}.out").read_text()
     assert [line for line in log.splitlines() if line.startswith("attempt")] == ["attempt 0", "attempt 1"], log
+
+
+def test_sam2_train_runs_as_a_two_task_slurm_job_and_validates_across_both(slurm_cluster, tmp_path):
+    """SAM 2's prompt paths leave some parameters without gradient on a step: the recipe turns the DDP strategy the
+    submit helper picks for two ranks into DDP with the unused-parameter search, and validation gathers the
+    videos of both ranks."""
+    run_dir = tmp_path / "sam2"
+    job = submit_and_wait(
+        slurm_cluster, "recipes.sam2_train",
+        ["--nodes", "1", "--gpus-per-node", "0", "--tasks-per-node", "2", "--time", "00:15:00"],
+        ["--run_dir", str(run_dir), "--trainer.max_steps", "4", "--trainer.val_every_n_steps", "4",
+         "--trainer.checkpoint_every_n_steps", "2", "--trainer.log_every_n_steps", "1", "--trainer.cpu_threads", "1",
+         "--data.num_workers", "1", "--data.batch_size", "1", "--data.num_frames", "3", "--data.val_batches", "1"],
+        env={"PRISM_CACHE": str(tmp_path / "cache")}, timeout=300)
+    log = job.log
+    assert job.info["ExitCode"] == "0:0" and job.info["NumTasks"] == "2", job.info
+    assert "GLOBAL_RANK: 0, MEMBER: 1/2" in log and "GLOBAL_RANK: 1, MEMBER: 2/2" in log, log[-4000:]
+    assert "Strategy: DDP, unused-parameter search on" in log, log[-4000:]
+    assert "Done at step 4." in log and re.search(r"^  J&F\s+\d", log, flags=re.M), log[-4000:]
+    ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert ckpt["global_step"] == 4
+    with open(run_dir / "csv" / "metrics.csv") as f:
+        assert {row["val/videos"] for row in csv.DictReader(f) if row.get("val/videos")} == {"2.0"}
+    exported = torch.load(run_dir / "export" / "sam2.1_hiera_nano.pt", map_location="cpu", weights_only=True)
+    assert torch.equal(exported["model"]["no_mem_embed"], ckpt["state_dict"]["model.no_mem_embed"])

@@ -25,19 +25,12 @@ from trainers.sam2 import (
 )
 from trainers.sam_loss import MOSE_WEIGHTS, global_num_objects, sam2_loss
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 SIDE = 128
 CORRECTED = {"prob_to_use_pt_input": 1.0, "prob_to_use_box_input": 0.0, "num_init_cond_frames": 1,
              "num_frames_to_correct": 2, "rand_frames_to_correct": False}
 """Every batch clicked on frame 0 and corrected there and on one other frame."""
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny ops on a shared 2-core machine: intra-op threads only add waits."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def clip_batch(clips: int = 1, frames: int = 3, objects=(2,), side: int = SIDE, seed: int = 0) -> dict:
@@ -274,3 +267,17 @@ def test_ddp_looks_for_unused_parameters():
     assert find_unused_parameters(TrainerConfig(strategy="auto", devices=2, accelerator="cpu")).strategy == unused
     assert find_unused_parameters(TrainerConfig(strategy="auto", devices=1)).strategy == "auto"
     assert find_unused_parameters(TrainerConfig(strategy="fsdp", devices=2)).strategy == "fsdp"
+
+
+def test_a_clip_made_only_of_mask_prompts_trains_nothing_and_still_steps():
+    """Both frames of a 2-frame clip ground-truth mask prompts: the outputs are the masks, no weight can learn, and
+    the step must still run backward (and DDP's reduction) with zero gradients. (1-frame clips always get clicks or
+    a box, as in sam2's SAM2Train.prepare_prompt_inputs.)"""
+    torch.manual_seed(0)
+    module = SAM2Training(prompts={"prob_to_use_pt_input": 0.0, "num_init_cond_frames": 2,
+                                   "rand_init_cond_frames": False})
+    loss = module.compute_loss(clip_batch(1, frames=2, objects=(2,)))
+    loss.backward()
+    grads = [p.grad for p in module.model.parameters() if p.requires_grad]
+    assert loss.requires_grad and float(loss) > 0  # the masks' own loss is still reported
+    assert grads and all(g is not None and not g.any() for g in grads)
