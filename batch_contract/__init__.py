@@ -22,6 +22,14 @@ key               dtype                  shape (as the method sees it)          
 ``prompts``       dict of tensors        ``points (B, N, 2)`` float (x, y       SAM-style prompts; a point label is 1
                                          pixels), ``point_labels (B, N)``       (foreground), 0 (background) or -1
                                          int64, ``boxes (B, 4)`` float          (padding); boxes are x0, y0, x1, y1
+``media``         float32 / bf16         ``(M, 3, S, S)``                       every tile, thumbnail and video frame
+                                                                                of the batch, in the order of the
+                                                                                image placeholders of input_ids
+``input_ids``     int64                  ``(B, L)``                             chat-formatted token ids, right-padded,
+                                                                                one image placeholder per visual token
+``attention_mask`` bool                  ``(B, L)``                             True on real tokens, False on padding
+``labels``        int64                  ``(B, L)``                             the token to predict at each position
+                                                                                (-100: none; assistant turns only)
 ``key``           list of B str                                                 WebDataset ``__key__`` of each sample
 ================  =====================  ====================================  =====================================
 """
@@ -37,6 +45,8 @@ import torch
 # model evaluated outside a datamodule (evaluation.model) must apply the same.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+IGNORE_INDEX = -100
+"""``labels`` at a position without a target (``torch.nn.functional.cross_entropy``'s default ignore_index)."""
 
 
 class Prompts(TypedDict, total=False):
@@ -56,6 +66,10 @@ class Batch(TypedDict, total=False):
     frames: torch.Tensor
     frame_masks: torch.Tensor
     frame_valid: torch.Tensor
+    media: torch.Tensor
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    labels: torch.Tensor
     prompts: Prompts
     key: list[str]
 
@@ -86,6 +100,10 @@ KEYS: dict[str, TensorKey | ListKey] = {
     "frames": TensorKey(FLOAT, ("B", "T", "C", "H", "W")),
     "frame_masks": TensorKey((torch.uint8,), ("B", "T", "H", "W")),
     "frame_valid": TensorKey((torch.bool,), ("B", "T")),
+    "media": TensorKey(FLOAT, ("M", "C", "S", "S")),
+    "input_ids": TensorKey((torch.int64,), ("B", "L")),
+    "attention_mask": TensorKey((torch.bool,), ("B", "L")),
+    "labels": TensorKey((torch.int64,), ("B", "L")),
     "key": ListKey(str),
 }
 PROMPT_KEYS: dict[str, TensorKey] = {

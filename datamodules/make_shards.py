@@ -6,6 +6,7 @@
     python -m datamodules.make_shards --format captions --input pairs.tsv --output shards/
     python -m datamodules.make_shards --format coco --input instances_val2017.json --images val2017/ --output shards/
     python -m datamodules.make_shards --format video --input DAVIS/ --resolution 480p --output shards/
+    python -m datamodules.make_shards --format conversation --input data.jsonl --media-root media/ --output shards/
 
 Every input that cannot be used is counted under a reason (printed at the end and stored in the
 index's ``skipped``); nothing is dropped silently. Exit code 0 on success, 1 if nothing could be
@@ -20,6 +21,15 @@ Samples go into the shards in a random order (--seed; --keep_order keeps the inp
 each batch a loader makes from it, mixes the classes. imagefolder labels the sorted class folders 0, 1, ...
 and writes that mapping to classes.json beside the shards; a split converted on its own takes the train
 split's labels with --classes (needed when it lacks a class: its folders would otherwise be numbered anew).
+
+conversation reads PerceptionLM's jsonl, one {"image" | "video": path, "conversations": [{"from": "human",
+"value": "<image>\\n..."}, {"from": "gpt", "value": "..."}], ...} per line, paths relative to --media_root, and
+writes the layout of datamodules.synthetic_conversations: json (every field of the line, speakers renamed to human /
+assistant, plus media, line, and for videos num_frames and fps) with jpg, or a video's frames as 000.jpg, 001.jpg,
+... (a folder of JPEG / PNG frames in natural name order; a video file only where PyAV can decode it). Lines that
+cannot be converted (invalid JSON, no assistant turn, a media marker count that does not match the media, a missing
+media file) are all listed with their line numbers before anything is written, and the conversion stops: a training
+set with silently dropped conversations is harder to notice than one that does not build.
 """
 
 from __future__ import annotations
@@ -29,6 +39,7 @@ import csv
 import io
 import json
 import random
+import re
 import sys
 from collections import Counter, defaultdict
 from pathlib import Path
@@ -38,6 +49,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
+from datamodules.chat import IMAGE_MARKER, VIDEO_MARKER
 from datamodules.shard_writer import ShardWriter, balanced_shard_sizes, index_path
 
 
@@ -303,7 +315,188 @@ def video(args: argparse.Namespace) -> Format:
     return sorted(d.name for d in frames_root.iterdir() if d.is_dir()), make, Counter(), {}
 
 
-FORMATS = {"imagefolder": imagefolder, "captions": captions, "coco": coco, "video": video}
+# -- conversations (PerceptionLM's jsonl) -------------------------------------------------------------------------
+ROLES = {"human": "human", "user": "human", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+"""Speaker names accepted in ``from``, and the name written: PLM's human / assistant (and system)."""
+MARKERS = {"image": IMAGE_MARKER, "video": VIDEO_MARKER}
+VIDEO_FILES = (".mp4", ".avi", ".mov", ".mkv", ".webm")
+FRAME_FILES = (".jpg", ".jpeg", ".png")
+SHOWN_PROBLEMS = 10
+
+
+class LineError(Exception):
+    """A jsonl line that cannot become a sample; the message names the field and how to fix it."""
+
+
+def video_reader() -> Callable[[Path], tuple[list[np.ndarray], float | None]] | None:
+    """Decoder of video files, (RGB frames, fps or None), through PyAV where it is installed; None where not.
+    (torchvision's read_video, in the releases that still have it, decodes with PyAV too.)"""
+    try:
+        import av
+    except ImportError:
+        return None
+
+    def read(path: Path) -> tuple[list[np.ndarray], float | None]:
+        with av.open(str(path)) as container:
+            stream = container.streams.video[0]
+            frames = [frame.to_ndarray(format="rgb24") for frame in container.decode(stream)]
+            rate = stream.average_rate
+        return frames, float(rate) if rate else None
+
+    return read
+
+
+def _natural(path: Path) -> list:
+    """Sort key in which frame 2 comes before frame 10 (digit runs compare as numbers)."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", path.name)]
+
+
+def frame_files(folder: Path) -> list[Path]:
+    return sorted((p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in FRAME_FILES), key=_natural)
+
+
+def _check_turns(record: dict) -> list[dict]:
+    """The turns with PLM's speaker names; at least one assistant turn with text."""
+    turns = record.get("conversations")
+    if not isinstance(turns, list) or not turns:
+        raise LineError("'conversations' must be a non-empty list of {\"from\": ..., \"value\": ...} turns")
+    out = []
+    for k, turn in enumerate(turns):
+        if not isinstance(turn, dict) or not isinstance(turn.get("value"), str):
+            raise LineError(f"conversations[{k}] must be {{\"from\": ..., \"value\": \"text\"}}, got "
+                            f"{json.dumps(turn)[:80]}")
+        if turn.get("from") not in ROLES:
+            raise LineError(f"conversations[{k}].from is {turn.get('from')!r}: use 'human' (or 'user'), 'gpt' (or "
+                            "'assistant') or 'system'")
+        out.append({**turn, "from": ROLES[turn["from"]]})
+    if not any(t["from"] == "assistant" and t["value"].strip() for t in out):
+        raise LineError("'conversations' has no assistant turn (from 'gpt' or 'assistant') with text, so nothing to "
+                        "train on: add the answer, or drop the line")
+    return out
+
+
+def _a(word: str) -> str:
+    return ("an " if word[0] in "aeiou" else "a ") + word
+
+
+def _check_markers(turns: list[dict], kind: str) -> None:
+    """One marker of the line's medium, in a human turn, and none of the other: the model puts the media tokens
+    where the marker is, so a missing or extra one misplaces them (or feeds none)."""
+    for medium, marker in sorted(MARKERS.items(), key=lambda item: item[0] != kind):  # the line's own first
+        stray = [t["from"] for t in turns if t["from"] != "human" and marker in t["value"]]
+        if stray:
+            raise LineError(f"{_a(stray[0])} turn holds the marker '{marker}': markers go in human turns only")
+        found = sum(t["value"].count(marker) for t in turns)
+        if medium == kind and found != 1:
+            raise LineError(f"'{kind}' is given but the human turns hold {found} '{marker}' markers: put exactly one "
+                            f"where the {kind} goes, e.g. \"{marker}\\nDescribe the {kind}.\"")
+        if medium != kind and found:
+            raise LineError(f"'{kind}' is given but the human turns hold '{marker}': {_a(kind)} line takes "
+                            f"'{MARKERS[kind]}' only")
+
+
+def _check_media(record: dict, media_root: Path) -> tuple[str, Path]:
+    kinds = [k for k in MARKERS if k in record]
+    if len(kinds) != 1:
+        raise LineError("has both 'image' and 'video': one medium per line, split it in two" if kinds else
+                        "has neither 'image' nor 'video' (text-only conversations are not converted): add the media "
+                        "path, relative to --media_root")
+    kind, name = kinds[0], record[kinds[0]]
+    if not isinstance(name, str) or not name:
+        raise LineError(f"'{kind}' must be one path (a string), got {json.dumps(name)[:80]}: lines with several "
+                        f"{kind}s are not converted; split them, one {kind} per line")
+    path = media_root / name  # an absolute path stays absolute
+    if kind == "video" and path.is_dir():
+        if not frame_files(path):
+            raise LineError(f"video folder {path} holds no frames ({', '.join(FRAME_FILES)} files)")
+    elif kind == "video" and path.is_file():
+        if path.suffix.lower() not in VIDEO_FILES:
+            raise LineError(f"'video' {name!r} is neither a folder of frames nor a video file "
+                            f"({', '.join(VIDEO_FILES)})")
+        if video_reader() is None:
+            raise LineError(f"'video' {name!r} is a video file, and PyAV (the 'av' package), which would decode it, is "
+                            "not installed: extract its frames into a folder first (e.g. ffmpeg -i VIDEO -q:v 2 "
+                            "FOLDER/%05d.jpg) and give the folder as 'video', or install av")
+    elif not path.is_file():
+        raise LineError(f"'{kind}' {name!r} not found (looked for {path}): fix the path or --media_root, which paths "
+                        "are relative to, or drop the line")
+    return kind, path
+
+
+def parse_conversation_line(line: str, media_root: Path) -> dict:
+    """A jsonl line, checked: {"record", "turns", "kind" ("image" | "video"), "path"}; LineError says what is wrong."""
+    try:
+        record = json.loads(line)
+    except ValueError as err:
+        raise LineError(f"not valid JSON ({err}): each line must be one JSON object") from None
+    if not isinstance(record, dict):
+        raise LineError(f"is a JSON {type(record).__name__}, not an object: each line must be one {{...}}")
+    kind, path = _check_media(record, media_root)
+    turns = _check_turns(record)
+    _check_markers(turns, kind)
+    return {"record": record, "turns": turns, "kind": kind, "path": path}
+
+
+def _video_frames(path: Path) -> tuple[list[bytes], float | None]:
+    if path.is_dir():
+        return [load_jpeg(frame)[0] for frame in frame_files(path)], None
+    read = video_reader()
+    assert read is not None  # parse_conversation_line refuses video files without a decoder
+    try:
+        frames, rate = read(path)
+    except Exception:  # noqa: BLE001 - whatever the decoder raises on a broken file
+        raise Skip("corrupt_video") from None
+    if not frames:
+        raise Skip("no_frames")
+    out = []
+    for frame in frames:
+        buf = io.BytesIO()
+        Image.fromarray(frame).save(buf, "JPEG", quality=90)
+        out.append(buf.getvalue())
+    return out, rate
+
+
+def conversation_sample(parsed: dict, line: int, default_fps: float | None) -> dict:
+    """The sample of a checked line: its fields, the turns renamed, ``media`` and ``line``; ``jpg`` or ``NNN.jpg``
+    frames plus ``num_frames`` and ``fps`` (the line's own, else the video file's, else ``default_fps``)."""
+    record, kind = parsed["record"], parsed["kind"]
+    meta = {**record, "conversations": parsed["turns"], "media": kind, "line": line}
+    if kind == "image":
+        jpg, _ = load_jpeg(parsed["path"])
+        return {"jpg": jpg, "json": json.dumps(meta).encode()}
+    frames, rate = _video_frames(parsed["path"])
+    fps = record.get("fps", rate if rate is not None else default_fps)
+    meta.update(num_frames=len(frames), **({"fps": fps} if fps is not None else {}))
+    return {**{f"{t:03d}.jpg": frame for t, frame in enumerate(frames)}, "json": json.dumps(meta).encode()}
+
+
+def conversation(args: argparse.Namespace) -> Format:
+    path = Path(args.input)
+    media_root = Path(args.media_root) if args.media_root else path.parent
+    if not media_root.is_dir():
+        raise UsageError(f"--media_root {media_root} is not a folder")
+    items, problems = [], []
+    with open(path, encoding="utf-8-sig") as f:  # lines end at newlines only: JSON strings may hold U+2028
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                items.append((number, parse_conversation_line(line, media_root)))
+            except LineError as err:
+                problems.append(f"line {number}: {err}")
+    if problems:
+        more = f"\n  ... and {len(problems) - SHOWN_PROBLEMS} more" if len(problems) > SHOWN_PROBLEMS else ""
+        raise UsageError(f"{path}: {len(problems)} of {len(problems) + len(items)} lines cannot be converted, so "
+                         "nothing was written:\n  " + "\n  ".join(problems[:SHOWN_PROBLEMS]) + more)
+
+    def make(item: tuple[int, dict]) -> dict:
+        return conversation_sample(item[1], item[0], args.fps)
+
+    return items, make, Counter(), {}
+
+
+FORMATS = {"imagefolder": imagefolder, "captions": captions, "coco": coco, "video": video,
+           "conversation": conversation}
 
 
 def convert(args: argparse.Namespace) -> dict[str, Any]:
@@ -338,7 +531,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m datamodules.make_shards", description=__doc__.split("\n")[0],
                                      epilog=__doc__[__doc__.index("Shard sizes:"):])
     parser.add_argument("--format", required=True, choices=sorted(FORMATS))
-    parser.add_argument("--input", required=True, help="dataset folder (imagefolder, video) or file (captions, coco)")
+    parser.add_argument("--input", required=True,
+                        help="dataset folder (imagefolder, video) or file (captions, coco, conversation)")
     parser.add_argument("--output", required=True, help="folder for the shards and the index")
     parser.add_argument("--prefix", default="train", help="shard names: PREFIX-000000.tar, ... (default train)")
     parser.add_argument("--max_count", type=int, default=1000, help="samples per shard at most (default 1000)")
@@ -357,6 +551,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--image_column", default="image", help="captions: column with the image path")
     parser.add_argument("--caption_column", default="caption", help="captions: column with the caption")
     parser.add_argument("--resolution", default="480p", help="video: sub-folder of JPEGImages/ and Annotations/")
+    parser.add_argument("--media_root", "--media-root", dest="media_root",
+                        help="conversation: folder the lines' image / video paths are relative to (default: the "
+                             "jsonl's folder)")
+    parser.add_argument("--fps", type=float, help="conversation: frame rate recorded for a frame-folder video whose "
+                                                  "line has no 'fps' (default: none recorded)")
     args = parser.parse_args(argv)
     for name in ("max_count", "min_shards"):
         if getattr(args, name) < 1:

@@ -12,7 +12,7 @@ Model families: ViT (``vit_*``), MAE (``mae_*``), ViT_C / ViT_P pairs (``vitc_*`
 This package never imports Lightning, data or trainer code.
 """
 
-from . import mae, pe, regnet, sam, vit, vitc  # noqa: F401  (importing registers the factories)
+from . import mae, pe, plm, regnet, sam, vit, vitc  # noqa: F401  (importing registers the factories)
 from .complexity import Complexity
 from .registry import create, list_models, register_model
 

@@ -89,8 +89,8 @@ class PECoreConfig:
 
 
 class _PEVisionTrunk(Eva):
-    """timm's Eva with PE's positions at every grid: raw RoPE indices (the rope is built with
-    ``ref_feat_shape=None``) and the absolute embedding resampled as pe.py:_sample_abs_posemb does."""
+    """timm's Eva with PE's positions at every grid: raw RoPE indices (see ``use_raw_rope_indices``) and the
+    absolute embedding resampled as pe.py:_sample_abs_posemb does."""
 
     def _pos_embed(self, x: Tensor) -> tuple[Tensor, Tensor]:
         batch, height, width, dim = x.shape  # dynamic_img_size: the patch embedding keeps the grid
@@ -101,9 +101,16 @@ class _PEVisionTrunk(Eva):
         return self.pos_drop(x), self.rope.get_embed(shape=(height, width))
 
 
+def use_raw_rope_indices(trunk: Eva) -> None:
+    """pe.py:Rope2D rotates by the raw patch index at every grid; timm rescales indices to the tower's native grid
+    (``ref_feat_shape``) off it. timm.create_model drops ``ref_feat_shape=None``, so it is unset here instead."""
+    trunk.rope.ref_feat_shape = None
+
+
 def _vision_trunk(cfg: PECoreConfig) -> Eva:
     trunk = timm.create_model(cfg.vision, img_size=cfg.image_size, num_classes=cfg.embed_dim,
-                              dynamic_img_size=True, ref_feat_shape=None, drop_path_rate=cfg.drop_path_rate)
+                              dynamic_img_size=True, drop_path_rate=cfg.drop_path_rate)
+    use_raw_rope_indices(trunk)
     if trunk.cls_token is None or trunk.num_prefix_tokens != 1 or trunk.patch_drop is not None:
         raise ValueError(f"{cfg.vision}: PE-Core towers with one cls token and no patch dropout are supported")
     trunk.__class__ = _PEVisionTrunk  # only _pos_embed differs; timm builds (and names) everything else

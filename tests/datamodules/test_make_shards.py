@@ -1,6 +1,7 @@
 import io
 import json
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -360,3 +361,143 @@ def test_errors_are_clear(tmp_path, capsys):
 
     assert M.main(["--format", "video", "--input", str(tmp_path), "--output", str(tmp_path / "o4")]) == 2
     assert "JPEGImages" in capsys.readouterr().err
+
+
+# -- conversations (PerceptionLM jsonl) -------------------------------------------------------------------
+def jsonl(path: Path, *records) -> Path:
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in records))
+    return path
+
+
+def turns(question: str, answer: str | None = "an answer", reply_from: str = "gpt") -> list[dict]:
+    out = [{"from": "human", "value": question}]
+    return out + ([{"from": reply_from, "value": answer}] if answer is not None else [])
+
+
+@pytest.fixture
+def media(tmp_path):
+    root = tmp_path / "media"
+    write(root / "imgs" / "a.jpg", jpeg_bytes((10, 200, 10)))
+    for name, red in (("f1.jpg", 0), ("f2.jpg", 100), ("f10.jpg", 200)):  # 10 after 2, not after 1
+        write(root / "clips" / "one" / name, jpeg_bytes((red, 0, 0), size=(16, 16)))
+    write(root / "clips" / "one" / "notes.txt", b"not a frame")
+    return root
+
+
+def test_conversation_images_and_frame_folders(tmp_path, media):
+    data = jsonl(tmp_path / "data.jsonl",
+                 {"id": "q1", "image": "imgs/a.jpg", "conversations": turns("<image>\nWhat colour?", "green")},
+                 "",  # blank lines are not lines of data
+                 {"video": "clips/one", "fps": 2, "conversations": [
+                     {"from": "system", "value": "Be brief."}, *turns("<video>\nWhat happens?", "it reddens"),
+                     {"from": "user", "value": "And then?"}, {"from": "assistant", "value": "nothing"}]},
+                 {"video": "clips/one", "conversations": turns("Watch: <video>", "frames", "assistant")})
+    out = tmp_path / "out"
+    assert M.main(["--format", "conversation", "--input", str(data), "--media-root", str(media), "--output",
+                   str(out), "--keep_order", "--fps", "4"]) == 0
+    image, video, default_fps = read_shards(out)
+    meta = json.loads(image["json"])
+    assert meta == {"id": "q1", "image": "imgs/a.jpg", "media": "image", "line": 1,
+                    "conversations": [{"from": "human", "value": "<image>\nWhat colour?"},
+                                      {"from": "assistant", "value": "green"}]}  # gpt is written as assistant
+    assert image["jpg"] == (media / "imgs" / "a.jpg").read_bytes()
+    meta = json.loads(video["json"])
+    assert [t["from"] for t in meta["conversations"]] == ["system", "human", "assistant", "human", "assistant"]
+    assert (meta["media"], meta["line"], meta["num_frames"], meta["fps"]) == ("video", 3, 3, 2)  # the line's fps
+    assert sorted(k for k in video if k.endswith(".jpg")) == ["000.jpg", "001.jpg", "002.jpg"]
+    reds = [np.asarray(Image.open(io.BytesIO(video[f"00{t}.jpg"])))[..., 0].mean() for t in range(3)]
+    assert reds == pytest.approx([0, 100, 200], abs=5)  # f1, f2, f10
+    assert json.loads(default_fps["json"])["fps"] == 4.0  # no fps in the line: --fps
+    assert index(out)["num_samples"] == 3 and index(out)["skipped"] == {}
+
+
+def test_conversation_media_default_to_the_jsonl_folder_and_corrupt_images_are_skipped(tmp_path):
+    write(tmp_path / "a.jpg", jpeg_bytes())
+    write(tmp_path / "bad.jpg", noisy_jpeg_bytes()[:300])
+    data = jsonl(tmp_path / "data.jsonl", {"image": "a.jpg", "conversations": turns("<image>\nQ")},
+                 {"image": "bad.jpg", "conversations": turns("<image>\nQ")})
+    assert M.main(["--format", "conversation", "--input", str(data), "--output", str(tmp_path / "out")]) == 0
+    assert index(tmp_path / "out")["skipped"] == {"corrupt_image": 1}
+    assert "fps" not in json.loads(read_shards(tmp_path / "out")[0]["json"])
+
+
+@pytest.mark.parametrize("record, message", [
+    ('{"image": "imgs/a.jpg", "conversations": [}',
+     "line 1: not valid JSON (Expecting value: line 1 column 43 (char 42)): each line must be one JSON object"),
+    ('["imgs/a.jpg"]', "line 1: is a JSON list, not an object"),
+    ({"image": "imgs/gone.jpg", "conversations": turns("<image>\nQ")},
+     "line 1: 'image' 'imgs/gone.jpg' not found (looked for MEDIA/imgs/gone.jpg): fix the path or --media_root"),
+    ({"video": "clips/none", "conversations": turns("<video>\nQ")}, "line 1: 'video' 'clips/none' not found"),
+    ({"image": "imgs/a.jpg", "conversations": turns("<image>\nQ", None)},
+     "line 1: 'conversations' has no assistant turn (from 'gpt' or 'assistant') with text, so nothing to train on"),
+    ({"image": "imgs/a.jpg", "conversations": turns("<image>\nQ", "  ")}, "has no assistant turn"),
+    ({"image": "imgs/a.jpg", "conversations": turns("Describe the image.")},
+     "line 1: 'image' is given but the human turns hold 0 '<image>' markers: put exactly one where the image goes, "
+     'e.g. "<image>\\nDescribe the image."'),
+    ({"image": "imgs/a.jpg", "conversations": turns("<image><image>\nQ")}, "human turns hold 2 '<image>' markers"),
+    ({"image": "imgs/a.jpg", "conversations": turns("<image>\n<video>\nQ")},
+     "line 1: 'image' is given but the human turns hold '<video>': an image line takes '<image>' only"),
+    ({"video": "clips/one", "conversations": turns("<image>\nQ")}, "'video' is given but the human turns hold 0 "
+                                                                   "'<video>' markers"),
+    ({"image": "imgs/a.jpg", "conversations": turns("<image>\nQ", "see <image>")},
+     "line 1: an assistant turn holds the marker '<image>': markers go in human turns only"),
+    ({"image": "imgs/a.jpg", "conversations": [{"from": "bot", "value": "<image>"}]},
+     "line 1: conversations[0].from is 'bot': use 'human' (or 'user'), 'gpt' (or 'assistant') or 'system'"),
+    ({"image": "imgs/a.jpg", "conversations": "<image> hi"}, "'conversations' must be a non-empty list"),
+    ({"image": ["imgs/a.jpg", "imgs/a.jpg"], "conversations": turns("<image><image>\nQ")},
+     "'image' must be one path (a string), got [\"imgs/a.jpg\", \"imgs/a.jpg\"]: lines with several images are not"),
+    ({"conversations": turns("Q")}, "line 1: has neither 'image' nor 'video' (text-only conversations are not"),
+    ({"image": "imgs/a.jpg", "video": "clips/one", "conversations": turns("<image>\nQ")},
+     "line 1: has both 'image' and 'video'"),
+])
+def test_conversation_errors_name_the_line_the_field_and_the_fix(tmp_path, media, capsys, record, message):
+    data = jsonl(tmp_path / "data.jsonl", record)
+    out = tmp_path / "out"
+    assert M.main(["--format", "conversation", "--input", str(data), "--media-root", str(media), "--output",
+                   str(out)]) == 2
+    err = capsys.readouterr().err
+    assert message.replace("MEDIA", str(media)) in err
+    assert "1 of 1 lines cannot be converted, so nothing was written" in err and not out.exists()
+
+
+def test_conversation_lists_every_bad_line_before_writing(tmp_path, media, capsys):
+    good = {"image": "imgs/a.jpg", "conversations": turns("<image>\nQ")}
+    bad = {"image": "imgs/a.jpg", "conversations": turns("Q")}
+    data = jsonl(tmp_path / "data.jsonl", good, *[bad] * 12, good, "{oops")
+    assert M.main(["--format", "conversation", "--input", str(data), "--media-root", str(media), "--output",
+                   str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "13 of 15 lines cannot be converted" in err
+    assert [int(n) for n in re.findall(r"line (\d+):", err)] == list(range(2, 12))  # the first 10 shown
+    assert "... and 3 more" in err and not (tmp_path / "out").exists()
+    assert M.main(["--format", "conversation", "--input", str(data), "--media-root", str(tmp_path / "nope"),
+                   "--output", str(tmp_path / "out")]) == 2
+    assert "--media_root" in capsys.readouterr().err
+
+
+def test_conversation_video_files(tmp_path, media, monkeypatch, capsys):
+    write(media / "clip.mp4", b"\x00\x00\x00\x18ftypmp42")
+    data = jsonl(tmp_path / "data.jsonl", {"video": "clip.mp4", "conversations": turns("<video>\nQ")})
+    args = ["--format", "conversation", "--input", str(data), "--media-root", str(media), "--output",
+            str(tmp_path / "out")]
+    monkeypatch.setattr(M, "video_reader", lambda: None)  # PyAV not installed
+    assert M.main(args) == 2
+    err = capsys.readouterr().err
+    assert "'video' 'clip.mp4' is a video file, and PyAV (the 'av' package)" in err
+    assert "extract its frames into a folder first" in err
+
+    frames = [np.full((8, 8, 3), (50 * t, 0, 0), np.uint8) for t in range(3)]
+    monkeypatch.setattr(M, "video_reader", lambda: lambda path: (frames, 25.0))  # stands in for PyAV's decode
+    assert M.main(args) == 0
+    (sample,) = read_shards(tmp_path / "out")
+    meta = json.loads(sample["json"])
+    assert (meta["num_frames"], meta["fps"]) == (3, 25.0)
+    assert [int(np.asarray(Image.open(io.BytesIO(sample[f"00{t}.jpg"])))[..., 0].mean() + 0.5) // 10
+            for t in range(3)] == [0, 5, 10]
+
+    def broken(path):
+        raise ValueError("moov atom not found")
+
+    monkeypatch.setattr(M, "video_reader", lambda: broken)
+    assert M.main(args + ["--overwrite"]) == 1
+    assert index(tmp_path / "out")["skipped"] == {"corrupt_video": 1}

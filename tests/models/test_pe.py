@@ -22,6 +22,8 @@ def nano():
     model = models.create("pe_core_nano").eval()
     with torch.no_grad():  # a trained-looking position table, so that resampling it matters
         model.visual.trunk.pos_embed.normal_(std=0.5)
+        for block in model.visual.trunk.blocks:  # peaked attention, so that the RoPE angles matter
+            block.attn.qkv.weight.mul_(8)
     return model
 
 
