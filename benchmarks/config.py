@@ -11,16 +11,18 @@ from trainers.build import STRATEGIES
 class ModelChoice:
     name: str | None = None
     """Registered model; None: mae_vit_tiny_patch8 for --trainer mae, vit_tiny_patch8 for finetune and swag,
-    pe_core_nano for pe, sam2.1_hiera_nano for sam2."""
+    pe_core_nano for pe, sam2.1_hiera_nano for sam2, plm_nano for plm."""
 
 
 @dataclass
 class Config:
-    trainer: Literal["mae", "finetune", "swag", "pe", "sam2", "none"] = "mae"
+    trainer: Literal["mae", "finetune", "swag", "pe", "sam2", "plm", "none"] = "mae"
     """The LightningModule: mae (MAEPretraining), finetune (ImageClassification), swag (WeaklySupervisedPretraining),
     pe (ContrastivePretraining, image-caption pairs), sam2 (SAM2Training in video mode on clips of --num_frames
-    frames: an "image" of the figures is a clip, and --image_size must be the model's);
-    none: only the loader benchmark (datamodule against raw decode, per worker count)."""
+    frames: an "image" of the figures is a clip, and --image_size must be the model's), plm (PLMTraining in stage 2
+    on conversations of the built-in world, synthetic data only: an "image" is a conversation, tokens/s counts its
+    real tokens, and --image_size must be the model's tile size); none: only the loader benchmark (datamodule
+    against raw decode, per worker count)."""
     model: ModelChoice = field(default_factory=ModelChoice)
     """The model; everything else (mask ratio, pooling, augmentation, optimizer) is the method's default."""
     data: Literal["synthetic", "shards"] = "synthetic"
@@ -56,6 +58,9 @@ class Config:
     """Frames per clip with --trainer sam2 (SAM 2 trains on 8)."""
     objects: int = 2
     """Objects per clip with --trainer sam2 (with --data shards: at most this many)."""
+    sequence_length: int | None = None
+    """Tokens per conversation with --trainer plm (visual ones included): every row is right padded to it (and a
+    longer one cut, as --data.max_length cuts). None: the batch's longest, rounded up to a multiple of 64."""
     num_workers: int = 2
     """Loader worker processes with --data shards."""
     num_classes: int | None = None
@@ -73,7 +78,8 @@ class Config:
     """Where benchmark.json and the Lightning runs' logs go."""
 
     def __post_init__(self):
-        for name in ("image_size", "batch_size", "steps", "num_classes", "repeats", "num_frames", "objects"):
+        for name in ("image_size", "batch_size", "steps", "num_classes", "repeats", "num_frames", "objects",
+                     "sequence_length"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}")
         if self.warmup_steps < 0 or self.num_workers < 0 or any(n < 0 for n in self.worker_counts):

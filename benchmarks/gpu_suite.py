@@ -16,6 +16,8 @@ Parts (``--part all`` or a comma list):
   zero      MAE ViT-B/16 under ddp and deepspeed_stage_2 (the ZeRO-2 / DDP ratio); then deepspeed_stage_3 for MAE
             ViT-6.5B, ViT-2B and ViT-H (largest first), each retried with deepspeed_stage_3_offload only if it does
             not fit: the largest MAE encoder that trains on one GPU.
+  plm       PerceptionLM-1B stage 2 (PE-L tower, 448 px tiles, Llama 3.2 1B; every part trained), bf16, on one batch
+            of the built-in conversations: tokens/s, MFU (benchmarks.methods.plm_step_flops) and Lightning / plain.
   ablation  channels-last off / on (and on + compile) for the conv model RegNetY-16GF (SWAG's), and MAE ViT-B/16
             in fp32 (TF32 matmuls) against the bf16 run of the mae part. torch.compile on / off is in the mae part.
 
@@ -50,7 +52,7 @@ from multiprocessing import get_context
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-PARTS = ("mae", "loader", "zero", "ablation")
+PARTS = ("mae", "loader", "zero", "plm", "ablation")
 PART_BUDGET_S = 540  # a device command may run 10 minutes; this leaves time for start-up and copying results
 BEGIN = "<!-- gpu_suite:begin (python -m benchmarks.gpu_suite writes this section; edits inside are lost) -->"
 END = "<!-- gpu_suite:end -->"
@@ -73,6 +75,12 @@ MAE_B16 = ("--trainer", "mae", "--model.name", "mae_vit_base_patch16", "--image_
 # (short name, model, batch, billions of parameters)
 BIG_MAE = (("6p5b", "mae_vit_6p5b_patch14", 32, 6.5), ("2b", "mae_vit_2b_patch14", 64, 2.0),
            ("huge", "mae_vit_huge_patch14", 128, 0.63))
+# PLM-1B stage 2: 2 conversations of the built-in world, each about 4,400 tokens (an image is a thumbnail and 16
+# tiles of 448 px, 17 x 256 visual tokens), one stage-2 sequence (6144 tokens at most) each. Without activation
+# checkpointing the PE-L tower keeps about 0.8 GB of activations per tile in bf16 and the 128k-entry logits about
+# 0.6 MB per token: 2 conversations (34 tiles) with the fp32 weights, gradients and AdamW moments of 1.5B parameters
+# (about 25 GB) fit an H200, 8 would not.
+PLM_BATCH = 2
 LOADER_WORKERS = (8, 16)  # the H200 machine has 16 cores
 TRAIN_WORKERS = 14  # loader workers beside a training process: two cores left for its Python loop and pinning
 # The synthetic world for the loader: ImageNet-like pixel counts (384^2 = 0.15 MP; ImageNet's mean is about
@@ -204,6 +212,15 @@ def _zero_cases(c: _Cases) -> list[Case]:
     return cases
 
 
+def _plm_cases(c: _Cases) -> list[Case]:
+    # Start-up: the conversation world and its tokenizer (about 30 s on a fresh machine, then cached), building
+    # 1.5B parameters on the CPU and a copy per run (about 40 s); a step of about 0.15 PFLOP takes under a second.
+    args = ("--trainer", "plm", "--model.name", "plm_1b", "--image_size", "448", "--precision", "bf16-mixed",
+            *c.batch(PLM_BATCH))
+    return [c.case("plm_1b_stage2", "plm", "PLM-1B stage 2, 448 px tiles, bf16, eager", (*args, *c.steps(5, 20)),
+                   180, 420)]
+
+
 def _ablation_cases(c: _Cases) -> list[Case]:
     regnet = ("--trainer", "swag", "--model.name", "regnety_16gf", "--image_size", "224", "--precision",
               "bf16-mixed", *c.batch(128), *c.steps(10, 30))
@@ -223,7 +240,7 @@ def make_cases(run_root: Path | str = "runs/gpu_suite", shards: str | None = Non
     batches of 8 and a tiny world, to check the plumbing on a GPU quickly (the figures mean nothing)."""
     c = _Cases(Path(run_root), smoke)
     spec = shards or world_spec(c.run_root, smoke)
-    return [*_mae_cases(c), *_loader_cases(c, spec), *_zero_cases(c), *_ablation_cases(c)]
+    return [*_mae_cases(c), *_loader_cases(c, spec), *_zero_cases(c), *_plm_cases(c), *_ablation_cases(c)]
 
 
 # ---- running -----------------------------------------------------------------------------------------------------
@@ -476,6 +493,21 @@ def _training_rows(records: dict) -> list[str]:
     return lines
 
 
+def _token_rows(records: dict) -> list[str]:
+    """The training cases that count tokens (--trainer plm): real tokens per second of each loop."""
+    rows = [(r, r["report"]) for r in records.values() if (r.get("report") or {}).get("tokens_per_step")]
+    if not rows:
+        return []
+    lines = ["", "### Tokens (--trainer plm: real tokens, visual ones included)", "",
+             "| case | tokens per step | Lightning tokens/s | plain tokens/s | training MFLOP/token |",
+             "| --- | ---: | ---: | ---: | ---: |"]
+    lines += [f"| {r['name']} | {report['tokens_per_step']:,} | "
+              f"{_fmt((report.get('lightning') or {}).get('tokens_per_sec'))} | "
+              f"{_fmt((report.get('plain') or {}).get('tokens_per_sec'))} | "
+              f"{_fmt(report['flops'].get('train_flops_per_token'), 1e6)} |" for r, report in rows]
+    return lines
+
+
 def _loader_rows(records: dict) -> list[str]:
     loaders = [r for r in records.values() if r["kind"] == "loader"]
     if not loaders:
@@ -523,7 +555,7 @@ def render_section(store: dict) -> str:
     lines += [f"- `{inv['command']}` ({inv['started']})" for inv in store["invocations"]] or ["- none"]
     lines += ["", "### Targets", "", "| target | figure | holds |", "| --- | --- | --- |"]
     lines += [f"| {c.target} | {c.figure} | {_holds(c.holds)} |" for c in check_targets(records)]
-    lines += ["", "### Training steps", "", *_training_rows(records), *_loader_rows(records),
+    lines += ["", "### Training steps", "", *_training_rows(records), *_token_rows(records), *_loader_rows(records),
               *_command_rows(records), END]
     return "\n".join(lines)
 

@@ -136,7 +136,8 @@ def format_report(report: dict) -> str:
                      "(min-max); the loops alternate which runs first, and each loop's row pools its runs")
     lines += ["", *_repeat_lines(report), "",
               f"FLOPs per image, forward: {_num(f['model_forward_flops_per_image'], ' GF', 1e9)} ({f['source']}); "
-              f"training: {_num(f['train_flops_per_image'], ' GF', 1e9)} (3 x forward)",
+              f"training: {_num(f['train_flops_per_image'], ' GF', 1e9)} "
+              f"({f.get('train_source', '3 x forward')})",
               f"peak: measured {_num(p['flops_per_sec'], ' TFLOP/s', 1e12)} ({p['dtype']} {p['size']}^3 matmul x "
               f"{p['repetitions']}, {p['seconds']:.2f} s); spec bf16 "
               + (_num(p["spec_bf16_flops_per_sec"], " TFLOP/s", 1e12) if p.get("spec_bf16_flops_per_sec")

@@ -27,9 +27,16 @@ from lightning.fabric.utilities.throughput import get_available_flops
 
 from benchmarks.config import Config
 from benchmarks.measure import PeakMemory, StepClock, StepTimer, how_measured, matmul_peak
-from benchmarks.methods import Method, build_method
+from benchmarks.methods import BatchCost, Method, build_method
 from benchmarks.report import LOOPS, Run, benchmark_report, flop_count, format_report
+from batch_contract import IGNORE_INDEX
 from datamodules import IMAGENET_MEAN, IMAGENET_STD
+from datamodules.captions import PE_MEAN, PE_STD
+from datamodules.chat import load_tokenizer
+from datamodules.conversations import (ConversationDataConfig, ConversationSampleTransform, collate_training,
+                                       resolve_conversation_shards)
+from datamodules.shards import expand_shards
+from datamodules.streams import ShardReader
 from datamodules.synthetic import render_video, sample_scene
 from datamodules.text import END_TOKEN
 from datamodules.transforms import normalize_on_device
@@ -85,16 +92,58 @@ def synthetic_video(num_frames: int, objects: int, size: int, seed: int = 0) -> 
     return next(_world_clips(num_frames, objects, size, seed))
 
 
+PAD_MULTIPLE = 64
+"""Without a given sequence length, conversations are padded to the longest one rounded up to this multiple."""
+
+
+def synthetic_conversations(batch_size: int, data: ConversationDataConfig, tokenizer: str, image_token_id: int,
+                            sequence_length: int | None = None) -> dict:
+    """PerceptionLM's training batch (datamodules.conversations) made of the first ``batch_size`` conversations of
+    ``data.train_shards`` (the built-in world interleaves image and video tasks) by the datamodule's own sample
+    transform and collation (``data.vision_input``: thumb+tile in stage 2), then right padded to
+    ``sequence_length`` tokens (None: the longest, rounded up to ``PAD_MULTIPLE``), so that its shape does not
+    follow the texts. The placeholders take the model's ``image_token_id`` (the trained tokenizer's ids are all
+    below it, so no text id becomes one) and ``media`` is normalised with PE's mean and std, as
+    ``on_after_batch_transfer`` does on the device."""
+    tok = load_tokenizer(tokenizer)
+    if len(tok) > image_token_id:
+        raise ValueError(f"the tokenizer's {len(tok)} ids reach the model's image placeholder {image_token_id}")
+    resolve_conversation_shards(data)  # None: the built-in world (built once, cached)
+    transform = ConversationSampleTransform(data, tok)
+    reader = ShardReader(required_keys=(), max_corrupt_fraction=0.0, min_samples_for_corrupt_check=1 << 30)
+    samples = reader.tar_samples(reader.finite_urls(expand_shards(data.train_shards)))
+    try:
+        made = [transform(sample) for sample, _ in zip(samples, range(batch_size))]
+    finally:
+        samples.close()
+    if len(made) < batch_size:
+        raise ValueError(f"{data.train_shards} holds {len(made)} conversations, fewer than the batch of {batch_size}")
+    batch = collate_training({k: [m[k] for m in made] for k in ("conversation", "task", "key")}, tok.pad_token_id)
+    width = batch["input_ids"].shape[1]
+    length = sequence_length or -(-width // PAD_MULTIPLE) * PAD_MULTIPLE
+    extra = length - width  # encode_conversation kept every row within data.max_length = sequence_length
+    ids = torch.nn.functional.pad(batch["input_ids"], (0, extra), value=tok.pad_token_id)
+    ids[ids == tok.image_token_id] = image_token_id
+    return {"media": normalize_on_device(batch["media"], PE_MEAN, PE_STD), "input_ids": ids,
+            "attention_mask": torch.nn.functional.pad(batch["attention_mask"], (0, extra), value=False),
+            "labels": torch.nn.functional.pad(batch["labels"], (0, extra), value=IGNORE_INDEX),
+            "task": batch["task"], "key": batch["key"]}
+
+
 def synthetic_batch(batch_size: int, image_size: int, device: torch.device | str, *, seed: int = 0,
                     num_classes: int | None = None, vocab: Sequence[str] | None = None,
-                    context_length: int | None = None, num_frames: int | None = None, objects: int = 1) -> dict:
+                    context_length: int | None = None, num_frames: int | None = None, objects: int = 1,
+                    conversations: dict | None = None) -> dict:
     """A random batch in the batch contract (batch_contract/__init__.py), made once on ``device``: ``image``
     standard normal (as normalised pixels), ``label`` when ``num_classes`` is given, ``hashtags`` (1 to 3 tags of
     ``vocab`` per image) when ``vocab`` is, ``text_tokens`` (random ids, CLIP's end token last) and ``text_mask``
     of ``context_length`` when that is. With ``num_frames``: clips of the synthetic world instead
-    (:func:`synthetic_clips`, ``objects`` per clip)."""
+    (:func:`synthetic_clips`, ``objects`` per clip); with ``conversations`` (:func:`synthetic_conversations`'
+    arguments but the batch size): conversations of the built-in world."""
     if num_frames is not None:
         return to_device(synthetic_clips(batch_size, num_frames, objects, image_size, seed), torch.device(device))
+    if conversations is not None:
+        return to_device(synthetic_conversations(batch_size, **conversations), torch.device(device))
     gen = torch.Generator().manual_seed(seed)
     batch: dict = {"image": torch.randn(batch_size, 3, image_size, image_size, generator=gen)}
     if context_length is not None:
@@ -294,7 +343,7 @@ def _synthetic(cfg: Config, method: Method, device: torch.device) -> dict | None
     return batch
 
 
-def _how(setup: Setup, name: str, order: list[tuple[int, str]], threads: str) -> dict:
+def _how(setup: Setup, name: str, order: list[tuple[int, str]], threads: str, cost: BatchCost | None) -> dict:
     cfg, data = setup.cfg, setup.method.data
     repeats = " | ".join(", ".join(loop for r, loop in order if r == repeat) for repeat in range(cfg.repeats))
     return how_measured(
@@ -303,6 +352,7 @@ def _how(setup: Setup, name: str, order: list[tuple[int, str]], threads: str) ->
         **({"decode": cfg.decode} if cfg.data == "shards" else {}),
         **({"clip": f"{cfg.num_frames} frames, {'up to ' if cfg.data == 'shards' else ''}{cfg.objects} objects"}
            if cfg.trainer == "sam2" else {}),
+        **({"batch": cost.how} if cost is not None else {}),
         batch_per_step=cfg.batch_size, steps=f"{cfg.warmup_steps} warm-up + {cfg.steps} timed per run",
         precision=resolve_precision(setup.trainer_cfg), strategy=cfg.strategy, compile=cfg.compile,
         channels_last=cfg.channels_last, plain_loop="run" if cfg.plain else "not run (--plain false)",
@@ -325,12 +375,15 @@ def training_benchmark(cfg: Config, run_dir: Path, device: torch.device) -> tupl
     first = lightning_trainer(cfg, trainer_cfg, run_dir, device)
     name, method = build_method(cfg, total, run_dir)
     order = run_order(cfg.repeats, cfg.plain)
-    setup = Setup(cfg, run_dir, device, trainer_cfg, method, flop_count(method.module.model), len(order),
-                  _synthetic(cfg, method, device))
+    batch = _synthetic(cfg, method, device)
+    # A method whose cost follows the batch (PLM: tokens, tiles) counts it on the batch; the others per image
+    cost = method.batch_cost(batch) if method.batch_cost is not None and batch is not None else None
+    setup = Setup(cfg, run_dir, device, trainer_cfg, method, cost.flops if cost else flop_count(method.module.model),
+                  len(order), batch)
     # Both loops get the thread count the recipes' runs get (trainers/run.py), loader workers counted
     threads = configure_cpu_threads(cfg.num_workers if cfg.data == "shards" else 0, 1)
     peak = matmul_peak(device)
-    how = _how(setup, name, order, threads)
+    how = _how(setup, name, order, threads, cost)
     runs = []
     for repeat, loop in order:
         if loop == "lightning":
@@ -339,4 +392,26 @@ def training_benchmark(cfg: Config, run_dir: Path, device: torch.device) -> tupl
         else:
             runs.append(plain_run(setup, repeat))
     report = benchmark_report(how, setup.flops, peak, cfg.warmup_steps, cfg.batch_size, runs)
-    return report, format_report(report)
+    if cost is None:
+        return report, format_report(report)
+    add_token_rates(report, cost.tokens, cfg.batch_size)
+    return report, f"{format_report(report)}\n{token_lines(report)}"
+
+
+def add_token_rates(report: dict, tokens: int, batch_size: int) -> None:
+    """Real tokens per second beside images/s in every loop's and every run's figures (the same batch every step:
+    ``tokens`` per ``batch_size`` samples), and training FLOPs per token. Ratios are unchanged: the same factor."""
+    figures = [report[loop] for loop in LOOPS if report[loop] is not None]
+    figures += [entry[loop] for entry in report["repeats"] for loop in LOOPS if loop in entry]
+    for f in figures:
+        f["tokens_per_sec"] = f["images_per_sec"] * tokens / batch_size
+    report["tokens_per_step"] = tokens
+    flops = report["flops"]
+    flops["train_flops_per_token"] = flops["train_flops_per_image"] * batch_size / tokens
+
+
+def token_lines(report: dict) -> str:
+    rates = ", ".join(f"{name} {report[loop]['tokens_per_sec']:.4g}" for name, loop in
+                      (("Lightning", "lightning"), ("plain PyTorch", "plain")) if report[loop] is not None)
+    return (f"tokens/s (the {report['tokens_per_step']} real tokens of each step, visual ones included): {rates}\n"
+            f"training FLOPs per token: {report['flops']['train_flops_per_token'] / 1e6:.4g} MF")

@@ -83,6 +83,7 @@ PREFLIGHT_SHARDS = 4
 """With --data.tasks: shards read at most, in order, to find samples of those tasks (before training, and to size the
 epoch)."""
 _MARKERS = re.compile("|".join(map(re.escape, MEDIA_MARKERS)))
+_MARKERS_LINE = re.compile(f"(?:{_MARKERS.pattern})\\n?")
 _NO_LIMIT = 1 << 62  # a length bound that never cuts: prompts are measured against max_length afterwards
 
 
@@ -120,8 +121,14 @@ class ConversationDataConfig(DataConfig):
     """Tokens per conversation at most, visual tokens included; text past it is cut, a cut through visual tokens is
     an error (PLM: 1280 in stage 1, 6144 in stage 2, 11520 in stage 3). Batches are padded to their longest."""
     tasks: list[str] | None = None
-    """Train and validate only on samples whose json 'task' is one of these (PLM stage 1 trains on captions:
-    [image_caption] in the synthetic world). None: every sample."""
+    """Train only on samples whose json 'task' is one of these (PLM stage 1 trains on captions: [image_caption] in
+    the synthetic world). None: every sample."""
+    val_tasks: list[str] | None = None
+    """Validate only on samples of these tasks. None: every task, so that a stage trained on some tasks still shows
+    what it makes of the others."""
+    text_only: bool = False
+    """Drop every sample's pixels and media marker and keep its text: a language model trained on the conversations
+    alone, and the text-only baseline of a visual question (what the words give away without the image)."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -135,8 +142,9 @@ class ConversationDataConfig(DataConfig):
                   "vocab_size": (self.vocab_size > floor,
                                  f"> {floor} (256 byte tokens and {len(SPECIAL_TOKENS)} special ones)"),
                   "vision_input": (self.vision_input in ("vanilla", "thumb+tile"), "'vanilla' or 'thumb+tile'"),
-                  "tasks": (self.tasks is None or (len(self.tasks) > 0 and all(isinstance(t, str) for t in self.tasks)),
-                            "None or a non-empty list of task names")}
+                  **{name: (tasks is None or (len(tasks) > 0 and all(isinstance(t, str) for t in tasks)),
+                            "None or a non-empty list of task names")
+                     for name, tasks in (("tasks", self.tasks), ("val_tasks", self.val_tasks))}}
         for name, (ok, wanted) in checks.items():
             if not ok:
                 raise ValueError(f"ConversationDataConfig.{name} must be {wanted}, got {getattr(self, name)!r} "
@@ -174,6 +182,12 @@ def _turns(sample: Mapping, meta: Mapping) -> list[dict]:
         raise ValueError(f"{_where(sample)}: its json 'conversations' must be a non-empty list of {{\"from\": ..., "
                          f"\"value\": ...}} turns, got {json.dumps(turns)[:120]}")
     return turns
+
+
+def without_media(turns: Sequence[Mapping]) -> list[dict]:
+    """The turns with their media markers (and the line break after one) taken out: the conversation's text."""
+    return [{**t, "value": _MARKERS_LINE.sub("", t["value"])} if isinstance(t.get("value"), str) else dict(t)
+            for t in turns]
 
 
 def _role(turn: Mapping) -> str | None:
@@ -301,11 +315,15 @@ class _Conversations:
         self.tokenizer = tokenizer  # pickles as its directory
         self.image = PLMImageTransform(cfg.vision_input, cfg.tile_size, cfg.max_num_tiles, normalize=False)
 
+    def turns(self, sample: Mapping, meta: Mapping) -> list[dict]:
+        turns = _turns(sample, meta)
+        return without_media(turns) if self.cfg.text_only else turns
+
     def media(self, sample: Mapping, meta: Mapping) -> tuple[torch.Tensor, list[int]]:
         """uint8 ``(n, 3, S, S)`` tiles or frames (n = 0 for text) and the visual tokens per marker."""
         kind, fields = media_fields(sample, meta)
         size = self.cfg.tile_size
-        if kind is None:
+        if kind is None or self.cfg.text_only:
             return torch.empty((0, 3, size, size), dtype=torch.uint8), []
         if kind == "image":
             _check_visual_budget(sample, kind, self.image.num_tiles(*_image_size(sample, "jpg")), self.cfg)
@@ -325,7 +343,7 @@ class ConversationSampleTransform(_Conversations):
         meta = _meta(sample)
         media, tokens = self.media(sample, meta)
         try:
-            encoded = encode_conversation(self.tokenizer, _turns(sample, meta), tokens, self.cfg.max_length,
+            encoded = encode_conversation(self.tokenizer, self.turns(sample, meta), tokens, self.cfg.max_length,
                                           sample.get("__key__"))
         except ValueError as err:
             raise _with_shard(sample, err) from None
@@ -335,17 +353,17 @@ class ConversationSampleTransform(_Conversations):
 
 class PromptSampleTransform(_Conversations):
     """Raw sample -> ``{"conversation": {"media", "input_ids" (the prompt), "answer_ids", "choices",
-    "answer_index"}, "task", "key"}``, or None for a task left out by ``tasks`` (the stream drops it undecoded);
+    "answer_index"}, "task", "key"}``, or None for a task left out by ``val_tasks`` (the stream drops it undecoded);
     :func:`collate_prompts` makes the batch."""
 
     def __call__(self, sample: dict) -> dict | None:
         meta = _meta(sample)
         task = str(meta.get("task", ""))
-        if self.cfg.tasks is not None and task not in self.cfg.tasks:
+        if self.cfg.val_tasks is not None and task not in self.cfg.val_tasks:
             return None  # webdataset's map drops a None
         media, tokens = self.media(sample, meta)
         try:
-            prompt, answer = encode_prompt(self.tokenizer, _turns(sample, meta), tokens, self.cfg.max_length,
+            prompt, answer = encode_prompt(self.tokenizer, self.turns(sample, meta), tokens, self.cfg.max_length,
                                            sample.get("__key__"))
         except ValueError as err:
             raise _with_shard(sample, err) from None
@@ -600,9 +618,10 @@ def _task_counts(urls: Sequence[str], tasks: Sequence[str]) -> tuple[int, Counte
 
 def _no_task_sample(name: str, urls: Sequence[str], tasks: Sequence[str], seen: Counter) -> ValueError:
     read = urls[:PREFLIGHT_SHARDS]
-    return ValueError(f"--data.{name}: no sample of --data.tasks {list(tasks)} among the {sum(seen.values())} "
+    flag = "val_tasks" if name == "val_shards" else "tasks"
+    return ValueError(f"--data.{name}: no sample of --data.{flag} {list(tasks)} among the {sum(seen.values())} "
                       f"samples of its first {len(read)} shard(s) ({read[0]}, ...; their tasks: "
-                      f"{dict(seen.most_common())}). Fix the task names, or drop --data.tasks to use every sample.")
+                      f"{dict(seen.most_common())}). Fix the task names, or drop --data.{flag} to use every sample.")
 
 
 def _leading_samples(urls: Sequence[str], name: str, tasks: Sequence[str] | None) -> list[dict]:
@@ -638,7 +657,9 @@ def check_sample(sample: Mapping, cfg: ConversationDataConfig, tokenizer: ChatTo
     _last_answer(turns, _where(sample))
     kind, fields = media_fields(sample, meta)
     tokens = []
-    if kind is not None:
+    if cfg.text_only:
+        turns = without_media(turns)
+    elif kind is not None:
         image = PLMImageTransform(cfg.vision_input, cfg.tile_size, cfg.max_num_tiles, normalize=False)
         count = (image.num_tiles(*_image_size(sample, "jpg")) if kind == "image" else
                  len(sample_video_frames(len(fields), _fps(sample, meta), cfg.max_video_frames)))
@@ -665,8 +686,9 @@ def check_conversation_shards(cfg: ConversationDataConfig, tokenizer: str | Path
         tok = _load(tokenizer, "tokenizer")
     resolve_conversation_shards(cfg)
     shards = resolve_shards(cfg)
-    for (name, prompt), urls in zip((("train_shards", False), ("val_shards", True)), shards):
-        for sample in _leading_samples(urls, name, cfg.tasks):
+    for (name, prompt, tasks), urls in zip((("train_shards", False, cfg.tasks), ("val_shards", True, cfg.val_tasks)),
+                                           shards):
+        for sample in _leading_samples(urls, name, tasks):
             try:
                 check_sample(sample, cfg, tok, prompt)
             except ValueError as err:

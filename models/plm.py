@@ -241,7 +241,7 @@ class PerceptionLM(nn.Module):
         ``tokens_per_tile`` placeholders per tile turns it off."""
         embeds = self.language_model.get_input_embeddings()(input_ids)
         placeholders = input_ids == self.cfg.image_token_id
-        if media is None:
+        if media is None or not len(media):  # a text-only batch may carry (0, 3, S, S) media
             if check_placeholders and (count := int(placeholders.sum())):
                 raise ValueError(f"{count} image tokens in input_ids but no media (0 visual tokens)")
             return embeds

@@ -27,24 +27,8 @@ from recipes import pe_pretrain as lit_recipe
 from recipes import swag_pretrain as swag_recipe
 from recipes.cli import parse_config
 from trainers.build import LoggingConfig
-from trainers.pipeline import Stage, run_stages
+from trainers.pipeline import Cluster, Stage, run_stages
 from trainers.run import save_config
-
-
-@dataclass
-class Cluster:
-    """Where every stage runs (``slurm.submit`` fills in nodes and devices from the allocation)."""
-
-    devices: int | str = "auto"
-    """Devices per node for every stage; "auto" takes every visible GPU, or 1 CPU process."""
-    num_nodes: int = 1
-    """Number of nodes for every stage."""
-    accelerator: str = "auto"
-    """"auto", "gpu" or "cpu"."""
-    strategy: str = "auto"
-    """Distributed strategy of every stage (see a stage's --help for the choices)."""
-    precision: str | None = None
-    """Lightning precision; None picks bf16-mixed on GPU and 32-true on CPU."""
 
 
 # The default pipeline runs on a laptop CPU in about twenty minutes: a ViT-Ti/16 on 64 px images (16 tokens), a few

@@ -46,6 +46,22 @@ class StageResult:
 
 
 @dataclass
+class Cluster:
+    """Where every stage runs (``slurm.submit`` fills in nodes and devices from the allocation)."""
+
+    devices: int | str = "auto"
+    """Devices per node for every stage; "auto" takes every visible GPU, or 1 CPU process."""
+    num_nodes: int = 1
+    """Number of nodes for every stage."""
+    accelerator: str = "auto"
+    """"auto", "gpu" or "cpu"."""
+    strategy: str = "auto"
+    """Distributed strategy of every stage (see a stage's --help for the choices)."""
+    precision: str | None = None
+    """Lightning precision; None picks bf16-mixed on GPU and 32-true on CPU."""
+
+
+@dataclass
 class Stage:
     name: str
     """Its directory under the pipeline's."""

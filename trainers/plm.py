@@ -20,25 +20,29 @@ from __future__ import annotations
 
 import json
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import lightning as L
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loggers import WandbLogger
 from torch import Tensor, nn
 
 import models
 from batch_contract import IGNORE_INDEX
 from models.plm import PLMConfig, PerceptionLM, load_hf, save_hf
 from trainers.checkpoint import save_safetensors
+from trainers.distributed import gather_objects
 from trainers.handoff import load_state_dict
 from trainers.method import Method, as_config
 from trainers.optim import OptimConfig, build_optimizer, warmup_cosine_factor
-from trainers.distributed import gather_objects
 
 __all__ = ["PARTS", "PLMModelConfig", "PLMOptimConfig", "PLMTraining", "response_loss", "greedy_decode",
            "option_log_probs", "validation_metrics", "example_rows", "architecture_differences",
-           "load_with_fresh_gammas", "export_pe_lang", "VAL_EXAMPLES_PER_TASK"]
+           "load_with_fresh_gammas", "load_pe_tower", "export_pe_lang", "AnswerTableLogger", "VAL_EXAMPLES_PER_TASK"]
 
 PARTS = {"vision": "vision.", "projector": "projector.", "language": "language_model."}
 """The parts that train or stay frozen, by parameter-name prefix of :class:`models.plm.PerceptionLM`."""
@@ -176,6 +180,7 @@ class PLMTraining(Method):
         every forward and, without one, runs the plain causal kernel. The placeholder count is not read back
         either: the chat collation writes ``tokens_per_tile`` of them per tile it stacks into ``media``."""
         media = batch.get("media")
+        media = media if media is not None and len(media) else None  # text only: (0, 3, S, S) from the collation
         logits = self.model(media, batch["input_ids"], check_placeholders=False).logits
         loss, self._tokens = response_loss(logits, batch["labels"])
         if media is None:  # a text-only batch leaves the vision side out of the graph (DDP wants every weight)
@@ -246,9 +251,10 @@ class PLMTraining(Method):
 
     # -- weights in and out --------------------------------------------------------------------------------------
     def init_from(self, source) -> list[str]:
-        """A Hugging Face PerceptionLM directory (``save_hf``'s, or a converted PLM checkpoint) or an earlier Prism
-        run / checkpoint of a PLMTraining (keys under ``model.``). Strict, except that the LayerScale gammas may be
-        missing altogether (stage 1 -> 2: they start at ``layer_scale_init``)."""
+        """A Hugging Face PerceptionLM directory (``save_hf``'s, or a converted PLM checkpoint), an earlier Prism run /
+        checkpoint of a PLMTraining (keys under ``model.``), or a Prism PE-Core contrastive run (keys under
+        ``model.visual.trunk.``: the vision tower only, as PLM stage 1 starts from PE-Core). Strict, except that
+        the LayerScale gammas may be missing altogether (stage 1 -> 2: they start at ``layer_scale_init``)."""
         path = Path(source)
         if path.is_dir() and (path / "config.json").is_file():
             loaded = load_hf(path)
@@ -257,7 +263,13 @@ class PLMTraining(Method):
                 raise ValueError(f"{source} holds another PerceptionLM: " + "; ".join(differences))
             state, origin = loaded.state_dict(), "Hugging Face PerceptionLM directory"
         else:
-            state, origin = load_state_dict(path, prefix="model."), "Prism run or checkpoint, keys under 'model.'"
+            full = load_state_dict(path)
+            if any(k.startswith(PE_TRUNK) for k in full):
+                return [f"init_from {source}: PE-Core contrastive run, keys under {PE_TRUNK!r}"] + \
+                    load_pe_tower(self.model, {k[len(PE_TRUNK):]: v for k, v in full.items()
+                                               if k.startswith(PE_TRUNK)}, source)
+            state = {k[len("model."):]: v for k, v in full.items() if k.startswith("model.")}
+            origin = "Prism run or checkpoint, keys under 'model.'"
         return [f"init_from {source}: {origin}"] + load_with_fresh_gammas(self.model, state, source)
 
     def export(self, out_dir: str | Path, tokenizer_dir: str | Path | None = None, **metadata) -> dict[str, Path]:
@@ -371,6 +383,34 @@ def example_rows(records: list[dict]) -> list[tuple]:
     return rows
 
 
+class AnswerTableLogger(Callback):
+    """After each validation, the method's ``val_examples`` decoded with the run's tokenizer: a W&B table
+    ``val/answers`` (key, task, prediction, answer, right) and ``<out_dir>/answers-stepNNNNNN.md``."""
+
+    def __init__(self, out_dir: str | Path, decode: Callable[[list[int]], str]):
+        self.out_dir = Path(out_dir)
+        self.decode = decode
+        self.last_path: Path | None = None
+
+    def text(self, value: list[int] | int) -> str:
+        """Token ids as text (the end-of-turn id dropped); an option index as "option i"."""
+        return f"option {value}" if isinstance(value, int) else self.decode(value).strip()
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        examples = getattr(pl_module, "val_examples", None)
+        if not trainer.is_global_zero or not examples or trainer.sanity_checking:
+            return
+        rows = [[key, task, self.text(pred), self.text(answer), pred == answer] for key, task, pred, answer in examples]
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.last_path = self.out_dir / f"answers-step{trainer.global_step:06d}.md"
+        lines = ["| key | task | prediction | answer | right |", "|---|---|---|---|---|"]
+        self.last_path.write_text("\n".join(lines + ["| " + " | ".join(map(str, r)) + " |" for r in rows]) + "\n")
+        for logger in trainer.loggers:
+            if isinstance(logger, WandbLogger):
+                logger.log_table("val/answers", columns=["key", "task", "prediction", "answer", "right"], data=rows,
+                                 step=trainer.global_step)
+
+
 # ---- weights in and out ----------------------------------------------------------------------------------------
 
 
@@ -404,6 +444,35 @@ def load_with_fresh_gammas(model: PerceptionLM, state: dict[str, Tensor], source
         lines.append(f"LayerScale new at {model.cfg.layer_scale_init} (missing from the source): "
                      + ", ".join(sorted(missing)))
     return lines
+
+
+PE_TRUNK = "model.visual.trunk."
+"""Where a PE-Core contrastive run (trainers.contrastive) keeps its vision trunk."""
+_PE_ONLY = ("attn_pool.", "head.", "norm.", "fc_norm.")
+"""What PE-Core's tower has past the blocks PLM keeps: pooling, projection and the final norm (ln_post)."""
+
+
+def load_pe_tower(model: PerceptionLM, trunk: dict[str, Tensor], source) -> list[str]:
+    """PE-Core's trunk into the vision tower as perception_models apps/plm loads it (``strict=False`` into the kept
+    blocks): blocks past ``vision_layers``, the attention pooling, projection and final norm are left out, and the
+    LayerScale gammas, which PE-Core lacks, keep their start. Anything else that does not fit raises."""
+    target = model.vision.state_dict()
+    depth = model.cfg.vision_layers
+    past = {k for k in trunk if k.startswith("blocks.") and int(k.split(".")[1]) >= depth}
+    unused = past | {k for k in trunk if k.startswith(_PE_ONLY) and k not in target}
+    missing = {k for k in target.keys() - trunk.keys() if not _is_gamma("vision." + k)}
+    unexpected = trunk.keys() - target.keys() - unused
+    misshaped = sorted(f"{k} {list(trunk[k].shape)} vs {list(target[k].shape)}"
+                       for k in target.keys() & trunk.keys() if trunk[k].shape != target[k].shape)
+    if missing or unexpected or misshaped:
+        raise ValueError(f"The PE tower in {source} does not fit {model.cfg.vision} with {depth} blocks:\n  missing "
+                         f"{sorted(missing)}\n  unexpected {sorted(unexpected)}\n  other shape {misshaped}\n  Check "
+                         "that the PE run's model (pe_core_*) is this PerceptionLM's vision tower at the same image "
+                         "size (model.name).")
+    model.vision.load_state_dict({k: v for k, v in trunk.items() if k in target}, strict=False)
+    return [f"vision tower: {len(target.keys() & trunk.keys())} of {len(target)} tensors from PE-Core; left out "
+            f"{len(past)} tensors of blocks >= {depth} and {sorted({k.split('.')[0] for k in unused - past})}; "
+            "projector and language model keep their initialisation"]
 
 
 def export_pe_lang(model: PerceptionLM, out_dir: str | Path, vision_layer: int | None = None, **metadata) -> Path:

@@ -14,7 +14,9 @@ from typing import Any
 
 from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, FSDPStrategy, Strategy
 from lightning.pytorch.utilities import rank_zero_info
+from timm.models.eva import EvaBlock
 from timm.models.vision_transformer import Block
+from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
 from trainers.checkpoint import remove_complete_marker, write_complete_marker
 
@@ -40,7 +42,9 @@ DEEPSPEED_PRECISIONS = ("32-true", "16-mixed", "bf16-mixed")
 FSDP_PRECISIONS = ("32-true", "16-mixed", "bf16-mixed", "16-true", "bf16-true")
 # The transformer block of models/vit.py and models/mae.py: one FSDP unit each. Add the block class of
 # other model families here when they train under FSDP.
-FSDP_WRAP_CLASSES = frozenset({Block})
+FSDP_WRAP_CLASSES = frozenset({Block, EvaBlock, LlamaDecoderLayer})
+"""FSDP units: the transformer blocks of timm's ViTs, of PE's towers (timm Eva) and of PLM's decoder (Llama), one unit
+per block as perception_models shards PLM (apps/plm: fully_shard per layer)."""
 
 _PRECISION_WORDS = {
     "32-true": "fp32",

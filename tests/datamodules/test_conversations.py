@@ -281,8 +281,9 @@ def test_a_given_tokenizer_is_checked_before_compute(world, tmp_path):
 # Tasks
 
 
-def test_the_task_filter_keeps_only_its_tasks(world, tokenizer_dir):
-    dm = _module(world, tokenizer_dir, tasks=["image_caption", "video_motion"])
+def test_the_task_filters_keep_only_their_tasks(world, tokenizer_dir):
+    dm = _module(world, tokenizer_dir, tasks=["image_caption", "video_motion"],
+                 val_tasks=["image_caption", "video_motion"])
     first = _raw(expand_shards(world.train_shards)[0])
     kept = sum(s["json"]["task"] in ("image_caption", "video_motion") for s in first.values())
     assert dm.batches_per_epoch == max(1, (32 // 4) * kept // len(first))  # the index's 32, scaled
@@ -290,7 +291,12 @@ def test_the_task_filter_keeps_only_its_tasks(world, tokenizer_dir):
     assert tasks and set(tasks) <= {"image_caption", "video_motion"}
     val = [t for batch in dm.val_dataloader() for t in batch["task"]]
     assert sorted(val) == ["image_caption"] * 3 + ["video_motion"] * 3
+    every = [t for batch in _module(world, tokenizer_dir, tasks=["image_caption"]).val_dataloader()
+             for t in batch["task"]]
+    assert len(every) == 3 * 8 and set(every) == set(TASKS)  # training on captions alone still validates on all
     check_conversation_shards(_cfg(world, tasks=["image_caption"]))
+    with pytest.raises(ValueError, match=r"--data.val_shards: no sample of --data.val_tasks \['captions'\]"):
+        check_conversation_shards(_cfg(world, val_tasks=["captions"]))
     with pytest.raises(ValueError, match=r"--data.train_shards: no sample of --data.tasks \['captions'\] among the 32 "
                                          r"samples of its first 4 shard\(s\).*image_count"):
         check_conversation_shards(_cfg(world, tasks=["captions"]))

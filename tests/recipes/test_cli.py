@@ -39,7 +39,7 @@ def test_dotted_overrides_and_print_config(capsys):
 # The recipe a shipped config is for, by the start of its file name (the longest match wins).
 RECIPE_BY_PREFIX = {"mae_": "mae_prepretrain", "maws_mae_": "mae_prepretrain", "swag_": "swag_pretrain",
                     "finetune_": "finetune", "linear_probe_": "linear_probe", "maws_vit_": "maws",
-                    "pe_core_": "pe_pretrain", "sam2.1_": "sam2_train", "sam_vit_": "sam2_train"}
+                    "pe_core_": "pe_pretrain", "sam2.1_": "sam2_train", "sam_vit_": "sam2_train", "plm_": "plm_train"}
 
 
 def _recipe_of(path: Path):
@@ -55,7 +55,7 @@ def test_every_shipped_config_parses(path):
     stages = [cfg.mae, cfg.swag, cfg.finetune, cfg.linear_probe] if recipe.__name__ == "recipes.maws" else [cfg]
     for stage in stages:
         assert stage.model.name in models.list_models(), f"{path.name}: unknown model {stage.model.name}"
-        assert stage.trainer.max_steps > 1000 and stage.data.image_size >= 224
+        assert stage.trainer.max_steps > 1000 and getattr(stage.data, "tile_size", stage.data.image_size) >= 224
 
 
 def test_shipped_pe_configs_have_the_published_settings():

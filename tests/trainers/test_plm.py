@@ -436,3 +436,32 @@ def test_pe_lang_export_loads_through_timms_local_dir_off_the_towers_native_size
     images = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(tower.forward_features(images)[:, 1:], model.vision(images), rtol=0, atol=1e-6)
+
+
+def test_a_pe_core_run_starts_the_tower_and_nothing_else(tmp_path):
+    """PLM stage 1 starts its tower from PE-Core (apps/plm: strict=False into the kept blocks): the first
+    vision_layers blocks, patch embedding and positions come over; PE's last block, pooling, projection and final
+    norm stay out; the projector and the decoder keep their own start."""
+    torch.manual_seed(1)
+    pe = models.create("pe_core_nano")
+    path = tmp_path / "pe.ckpt"
+    torch.save({"state_dict": {f"model.{k}": v for k, v in pe.state_dict().items()}}, path)
+    m = method(layer_scale_init=0.1)
+    before = {k: v.clone() for k, v in m.model.state_dict().items()}
+    lines = m.init_from(path)
+    trunk = pe.visual.trunk.state_dict()
+    tower = m.model.vision.state_dict()
+    for key, value in tower.items():
+        if key.endswith(("gamma_1", "gamma_2")):
+            assert torch.equal(value, before[f"vision.{key}"]) and torch.all(value == 0.1)
+        else:
+            assert torch.equal(value, trunk[key]), key
+    assert len(pe.visual.trunk.blocks) == 4 and len(m.model.vision.blocks) == 3
+    assert all(torch.equal(v, before[k]) for k, v in m.model.state_dict().items() if not k.startswith("vision."))
+    assert "PE-Core contrastive run" in lines[0] and "blocks >= 3" in lines[1]
+
+    small = models.create("pe_core_tiny")
+    torch.save({"state_dict": {f"model.{k}": v for k, v in small.state_dict().items()}}, path)
+    with pytest.raises(ValueError, match=r"does not fit vit_pe_core_nano_patch8_64 with 3 blocks(.|\n)*other shape"):
+        method().init_from(path)
+

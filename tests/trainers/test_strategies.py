@@ -189,3 +189,13 @@ def test_remove_checkpoint_handles_directories_and_files(tmp_path):
     strategy.remove_checkpoint(file)
     strategy.remove_checkpoint(tmp_path / "never-written.ckpt")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_fsdp_full_shard_wraps_each_vision_block_and_decoder_layer_of_perception_lm():
+    policy = build_strategy("fsdp", batch_size_per_device=8, precision="bf16-mixed").kwargs["auto_wrap_policy"]
+    with torch.device("meta"):
+        plm = models.create("plm_1b")
+    wrapped = policy._run_policy(plm, set(), {})
+    # PLM-1B: 23 kept blocks of PE-Core-L's tower, the 16 layers of Llama 3.2 1B
+    assert len(plm.vision.blocks) == 23 and len(plm.language_model.model.layers) == 16
+    assert wrapped.keys() - {plm} == {*plm.vision.blocks, *plm.language_model.model.layers}
