@@ -29,7 +29,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
 from batch_contract import IGNORE_INDEX
 
@@ -112,6 +112,11 @@ class ChatTokenizer:
 # Training and loading
 
 
+LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+"""Llama 3's pre-tokenization pattern (meta-llama/llama3 llama/tokenizer.py: pat_str)."""
+
+
 def train_tokenizer(texts: Iterable[str], vocab_size: int, path: str | Path) -> ChatTokenizer:
     """Train a byte-level BPE (GPT-2's and Llama 3's kind: every byte is a base token, so no text is unknown) with
     Llama 3's special tokens, save it as a Hugging Face tokenizer directory at ``path`` and load it back.
@@ -124,7 +129,11 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, path: str | Path) -> 
         raise ValueError(f"vocab_size {vocab_size} leaves no room for merges: the 256 byte tokens and "
                          f"{len(SPECIAL_TOKENS)} special tokens take {floor} ids")
     tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    # Llama 3's pre-tokenizer (its tokenizer.json: this split, then bytes): a run of line breaks is one piece, so
+    # "\n\n" after a header encodes alike on its own and inside a whole chat-templated string
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(LLAMA3_SPLIT), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS),
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)

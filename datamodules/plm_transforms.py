@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Literal
 
 import torch
@@ -33,11 +34,12 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
 from .captions import PE_MEAN, PE_STD
+from .make_shards import FRAME_FILES, frame_files, video_reader
 from .transforms import normalize_on_device
 
 __all__ = ["TILE_SIZE", "VisionInput", "find_supported_aspect_ratios", "fit_image_to_canvas", "find_closest_canvas",
            "canvas_grid", "tile_image", "PLMImageTransform", "uniform_sample", "sample_video_frames",
-           "video_frames"]
+           "video_frames", "read_image", "read_video"]
 
 TILE_SIZE = 448
 """PLM's tile and frame side (all stages, 1B to 8B)."""
@@ -217,3 +219,40 @@ def video_frames(frames: Sequence[Image.Image] | torch.Tensor, tile_size: int = 
             raise ValueError("a video needs at least one frame")
         pixels = torch.stack([_squash(frame.convert("RGB"), tile_size, tile_size) for frame in frames])
     return _normalize(pixels, normalize)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Files
+
+
+def read_image(path: str | Path) -> Image.Image:
+    """The RGB image of a .jpg / .png file (any format PIL reads); a ValueError when there is none to read."""
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except OSError as err:  # missing, a folder, not an image, truncated
+        raise ValueError(f"{path} is not a readable image ({type(err).__name__}: {err})") from None
+
+
+def read_video(path: str | Path, max_frames: int, fps: float | None = None) -> list[Image.Image]:
+    """The frames a PLM clip uses (:func:`sample_video_frames`) of a folder of .jpg / .png frames in natural name
+    order (only those frames are decoded) or of a video file, which needs PyAV (``make_shards.video_reader``; its
+    own frame rate unless ``fps`` is given). A ValueError says what cannot be read."""
+    path = Path(path)
+    if path.is_dir():
+        files = frame_files(path)
+        if not files:
+            raise ValueError(f"{path}: no frames in the folder ({', '.join(FRAME_FILES)} files)")
+        return [read_image(files[i]) for i in sample_video_frames(len(files), fps, max_frames)]
+    if not path.is_file() or path.suffix.lower() in FRAME_FILES:
+        return [read_image(path)]  # a single frame, or the error of a missing path
+    if (read := video_reader()) is None:
+        raise ValueError(f"{path}: reading a video file needs PyAV (pip install av); or give a folder of its frames "
+                         "(ffmpeg -i VIDEO FOLDER/%05d.jpg)")
+    try:
+        frames, rate = read(path)
+    except Exception as err:  # noqa: BLE001 - whatever the decoder raises on a broken file
+        raise ValueError(f"{path} is not a readable video ({type(err).__name__}: {err})") from None
+    if not frames:
+        raise ValueError(f"{path}: the video has no frames")
+    return [Image.fromarray(frames[i]) for i in sample_video_frames(len(frames), fps or rate, max_frames)]

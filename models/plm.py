@@ -430,6 +430,7 @@ _LLAMA3_VOCAB = dict(vocab_size=128256, image_token_id=128002)
 
 _SIZES = {
     "plm_nano": PLMConfig(),
+    "plm_micro": PLMConfig(vision_layers=4, hidden_size=192, num_layers=4, num_heads=6, num_kv_heads=2),
     "plm_1b": PLMConfig(**_PE_L_448, **_LLAMA_1B, **_LLAMA3_VOCAB),
     "plm_3b": PLMConfig(**_PE_L_448, **_LLAMA_3B, **_LLAMA3_VOCAB),
     "plm_8b": PLMConfig(**_PE_G_448, **_LLAMA_8B, **_LLAMA3_VOCAB),

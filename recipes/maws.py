@@ -18,8 +18,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from lightning.pytorch.utilities.rank_zero import rank_zero_only
-
 from recipes import finetune as finetune_recipe
 from recipes import linear_probe as probe_recipe
 from recipes import mae_prepretrain as mae_recipe
@@ -27,8 +25,7 @@ from recipes import pe_pretrain as lit_recipe
 from recipes import swag_pretrain as swag_recipe
 from recipes.cli import parse_config
 from trainers.build import LoggingConfig
-from trainers.pipeline import Cluster, Stage, run_stages
-from trainers.run import save_config
+from trainers.pipeline import Cluster, Stage, run_pipeline
 
 
 # The default pipeline runs on a laptop CPU in about twenty minutes: a ViT-Ti/16 on 64 px images (16 tokens), a few
@@ -161,17 +158,7 @@ def results_table(results: dict[str, dict]) -> str:
 
 
 def main(cfg: Config, config_yaml: str = "") -> dict[str, dict]:
-    run_dir = Path(cfg.run_dir).resolve()
-    if rank_zero_only.rank == 0:
-        save_config(config_yaml, run_dir)
-    results = run_stages(run_dir, stages(cfg), pipeline="maws")
-    if results is None:
-        return {}
-    if rank_zero_only.rank == 0:
-        table = results_table(results)
-        (run_dir / "results.md").write_text(table + "\n")
-        print(f"\n{table}\n\n  run_dir  {run_dir}\n  table    {run_dir / 'results.md'}")
-    return results
+    return run_pipeline(Path(cfg.run_dir), config_yaml, stages(cfg), pipeline="maws", table=results_table)
 
 
 if __name__ == "__main__":

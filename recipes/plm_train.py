@@ -69,10 +69,11 @@ def main(cfg: Config, config_yaml: str = "") -> dict:
     tokenizer = load_tokenizer(tokenizer_dir)
     m = replace(cfg.model, vocab_size=len(tokenizer), image_token_id=tokenizer.image_token_id)
     datamodule = ConversationDataModule(d, tokenizer, cfg.seed)
-    answers = AnswerTableLogger(run_dir / "answers", partial(tokenizer.decode, skip_special_tokens=True))
+    decode = partial(tokenizer.decode, skip_special_tokens=True)
+    answers = AnswerTableLogger(run_dir / "answers", decode)
 
     def method(lr: float) -> PLMTraining:
-        return PLMTraining(m, cfg.optim, lr, cfg.trainer.max_steps)
+        return PLMTraining(m, cfg.optim, lr, cfg.trainer.max_steps, decode=decode)
 
     def export(trained: PLMTraining, out: Export) -> dict:
         return {**trained.export(out.dir, tokenizer_dir=tokenizer_dir, step=out.step), "answers": answers.last_path}
@@ -82,7 +83,8 @@ def main(cfg: Config, config_yaml: str = "") -> dict:
                 f"tasks {', '.join(d.tasks) if d.tasks else 'all'}; {len(tokenizer)} ids")
     return run(replace(cfg, data=d, model=m), config_yaml, method, datamodule, export=export, callbacks=[answers],
                validate=bool(d.val_shards), headline=headline,
-               report=("vqa_accuracy", "mcq_accuracy", *(f"acc_{task}" for task in TASKS)))
+               report=("vqa_accuracy", "mcq_accuracy", "caption_cider", "caption_bleu4",
+                       *(f"acc_{task}" for task in TASKS)))
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ features of training images, which the caller reads (trainers do not read data).
 
 from __future__ import annotations
 
+import json
 import re
 import zipfile
 from collections.abc import Callable
@@ -26,7 +27,11 @@ from models.sam.sam import SAM, official_sam_state
 from models.sam.sam2 import SAM2, load_official_sam2
 from trainers.classification import classifier_kwargs
 from trainers.handoff import classifier_name, init_backbone, load_state_dict
+from trainers.pipeline import StageResult
 from trainers.sam2 import SAM2ModelConfig
+
+PLM_STAGES = ("lm", "stage1", "stage2", "stage3")
+"""The PerceptionLM stages of a pipeline directory (recipes.plm), in order."""
 
 
 @dataclass
@@ -138,3 +143,32 @@ def _sam_as_trained(name: str, section: dict) -> nn.Module:
         return models.create(name)
     fields = ("version", "multimask_output_for_tracking")
     return SAM2ModelConfig(name=name, **{k: section[k] for k in fields if section.get(k) is not None}).build()
+
+
+def plm_export(init_from: str | Path) -> tuple[Path, dict]:
+    """The Hugging Face PerceptionLM directory of ``init_from`` and the ``data`` settings (tiles, frames) its run
+    trained with: a stage run's ``export/hf`` and its config.yaml's data section, a pipeline's last finished stage's,
+    or a Hugging Face directory itself (and {}). A ValueError says why there is none (what to rerun)."""
+    path = Path(init_from)
+    if not path.is_dir():
+        raise ValueError(f"{path}: no such directory (a PLM run, a PLM pipeline or a Hugging Face PerceptionLM one)")
+    if (path / "config.json").is_file():
+        if (kind := json.loads((path / "config.json").read_text()).get("model_type")) != "perception_lm":
+            raise ValueError(f"{path} is not a PerceptionLM: its config.json has model_type {kind!r}")
+        return path, {}
+    if finished := [s for s in PLM_STAGES if StageResult(path / s).read() is not None]:
+        rank_zero_info(f"{path} is a PLM pipeline: using its last finished stage, {finished[-1]}")
+        path = path / finished[-1]
+    elif any((path / s).is_dir() for s in PLM_STAGES):
+        raise ValueError(f"{path}: no stage of this PLM pipeline has finished; rerun its training command to finish "
+                         f"one: python -m recipes.plm --config {path / 'config.yaml'}")
+    config = path / "config.yaml"
+    run = yaml.safe_load(config.read_text()) if config.is_file() else None
+    model, data = (run.get("model"), run.get("data")) if isinstance(run, dict) else (None, None)
+    if not (isinstance(model, dict) and str(model.get("name")).startswith("plm_") and isinstance(data, dict)):
+        raise ValueError(f"{path} is not a PerceptionLM run: it has no config.yaml of recipes.plm_train (model.name "
+                         "plm_*), no finished stage of recipes.plm and no Hugging Face config.json")
+    if not (path / "export" / "hf" / "config.json").is_file():
+        raise ValueError(f"{path}: the run has not finished (no export/hf yet); rerun its training command to finish "
+                         f"it: python -m recipes.plm_train --config {config}")
+    return path / "export" / "hf", data

@@ -20,6 +20,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 from trainers.checkpoint import checkpoint_step, find_resume_checkpoint, write_json_atomically
+from trainers.run import save_config
 
 STAGE_RESULT = "stage.json"
 
@@ -104,6 +105,24 @@ def run_stages(run_dir: Path, stages: Iterable[Stage], *, pipeline: str) -> dict
                            "pipeline there")
             return None
         results[stage.name] = outputs
+    return results
+
+
+def run_pipeline(run_dir: Path, config_yaml: str, stages: Iterable[Stage], *, pipeline: str,
+                 table: Callable[[dict[str, dict]], str]) -> dict[str, dict]:
+    """A pipeline recipe's whole run: its config in ``run_dir`` (rank 0), ``run_stages``, then, once every stage
+    finished, ``table(results)`` in <run_dir>/results.md and on stdout (rank 0). Returns the stages' outputs ({} when
+    one stopped early)."""
+    run_dir = Path(run_dir).resolve()
+    if rank_zero_only.rank == 0:
+        save_config(config_yaml, run_dir)
+    results = run_stages(run_dir, stages, pipeline=pipeline)
+    if results is None:
+        return {}
+    if rank_zero_only.rank == 0:
+        text = table(results)
+        (run_dir / "results.md").write_text(text + "\n")
+        print(f"\n{text}\n\n  run_dir  {run_dir}\n  table    {run_dir / 'results.md'}")
     return results
 
 

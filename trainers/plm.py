@@ -33,6 +33,7 @@ from torch import Tensor, nn
 
 import models
 from batch_contract import IGNORE_INDEX
+from evaluation.captioning import caption_scores
 from models.plm import PLMConfig, PerceptionLM, load_hf, save_hf
 from trainers.checkpoint import save_safetensors
 from trainers.distributed import gather_objects
@@ -41,7 +42,7 @@ from trainers.method import Method, as_config
 from trainers.optim import OptimConfig, build_optimizer, warmup_cosine_factor
 
 __all__ = ["PARTS", "PLMModelConfig", "PLMOptimConfig", "PLMTraining", "response_loss", "greedy_decode",
-           "option_log_probs", "validation_metrics", "example_rows", "architecture_differences",
+           "option_log_probs", "validation_metrics", "caption_metrics", "example_rows", "architecture_differences",
            "load_with_fresh_gammas", "load_pe_tower", "export_pe_lang", "AnswerTableLogger", "VAL_EXAMPLES_PER_TASK"]
 
 PARTS = {"vision": "vision.", "projector": "projector.", "language": "language_model."}
@@ -141,8 +142,10 @@ class PLMTraining(Method):
     batch_keys = ("media", "input_ids", "attention_mask", "labels")
 
     def __init__(self, model: PLMModelConfig | dict | None = None, optim: PLMOptimConfig | dict | None = None,
-                 lr: float = 1e-4, total_steps: int = 1):
+                 lr: float = 1e-4, total_steps: int = 1, decode: Callable[[list[int]], str] | None = None):
         super().__init__(as_config(PLMOptimConfig, optim), lr, total_steps)
+        self.decode = decode
+        """Token ids -> text (the run's tokenizer): with it, validation also scores the captions (caption_scores)."""
         self.model_cfg = as_config(PLMModelConfig, model)
         self.record_hparams(model=self.model_cfg, optim=self.optim_cfg, lr=lr, total_steps=total_steps)
         self.model = self.model_cfg.build()
@@ -246,7 +249,8 @@ class PLMTraining(Method):
         local, self._val = self._val, []
         records = gather_objects(local)  # every rank joins, with or without samples of its own
         self.val_examples = example_rows(records)
-        for name, value in validation_metrics(records).items():  # every rank holds the same gathered numbers
+        metrics = validation_metrics(records) | (caption_metrics(records, self.decode) if self.decode else {})
+        for name, value in metrics.items():  # every rank holds the same gathered numbers
             self.log(f"val/{name}", value, prog_bar=name in ("vqa_accuracy", "mcq_accuracy"))
 
     # -- weights in and out --------------------------------------------------------------------------------------
@@ -370,6 +374,18 @@ def validation_metrics(records: list[dict]) -> dict[str, float]:
         if by_kind[kind]:
             metrics[name] = 100.0 * sum(by_kind[kind]) / len(by_kind[kind])
     return metrics
+
+
+def caption_metrics(records: list[dict], decode: Callable[[list[int]], str]) -> dict[str, float]:
+    """``caption_bleu4`` (x 100) and ``caption_cider`` (CIDEr-D, x 10 as COCO reports it) of the generated captions:
+    the open questions of every task whose name says caption, each against its reference answer. {} with fewer than
+    two captions (CIDEr's document frequencies need a set)."""
+    captions = [r for r in records if r["kind"] == "open" and "caption" in r["task"]]
+    if len(captions) < 2:
+        return {}
+    scores = caption_scores({r["key"]: decode(r["prediction"]) for r in captions},
+                            {r["key"]: [decode(r["answer"])] for r in captions})
+    return {"caption_bleu4": 100 * scores["bleu4"], "caption_cider": scores["cider"]}
 
 
 def example_rows(records: list[dict]) -> list[tuple]:

@@ -14,7 +14,7 @@ from datamodules.chat import (BEGIN_OF_TEXT, END_HEADER, END_OF_TURN, IGNORE_IND
 TEXTS = [f"{size} {colour} {shape} moves {way} over a striped background in frame {i}. What is in the picture?"
          for i, (size, colour, shape, way) in enumerate(
              [(s, c, h, w) for s in ("a big", "a small") for c in ("red", "green", "blue") for h in ("cube", "disc")
-              for w in ("left", "right")] * 4)]
+              for w in ("left", "right")] * 4)] + ["\n\n"] * 48  # the blank line after each header, as trained
 VOCAB = 420
 
 

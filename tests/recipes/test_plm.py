@@ -37,9 +37,11 @@ def _losses(run_dir: Path) -> list[tuple[int, float]]:
 def test_a_stage_trains_validates_exports_and_resumes(run_recipe, tmp_path):
     run_dir = tmp_path / "stage"
     args = ["--run_dir", str(run_dir), *TINY, "--trainer.val_every_n_steps", "2",
-            "--trainer.checkpoint_every_n_steps", "2", "--model.train", "[projector, language]"]
+            "--trainer.checkpoint_every_n_steps", "2", "--model.train", "[projector, language]",
+            "--data.val_batches", "100", "--data.val_tasks", "[image_caption, image_count, video_motion]"]
     out = _summary(run_recipe("recipes.plm_train", *args, "--trainer.max_steps", "2").stdout)
-    assert {"hf", "pe_lang", "answers", "vqa_accuracy", "mcq_accuracy", "wandb"} <= set(out)
+    assert {"hf", "pe_lang", "answers", "vqa_accuracy", "mcq_accuracy", "caption_cider", "wandb"} <= set(out)
+    assert {k for k in out if k.startswith("acc_")} == {"acc_image_caption", "acc_image_count", "acc_video_motion"}
     assert 0 <= float(out["vqa_accuracy"]) <= 100 and 0 <= float(out["mcq_accuracy"]) <= 100
     assert (run_dir / "tokenizer" / "tokenizer.json").is_file()
     table = Path(out["answers"]).read_text()
@@ -66,7 +68,8 @@ def _stage_flags(name: str, steps: int) -> list[str]:
 @pytest.fixture(scope="module")
 def pipeline(run_recipe_module, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("plm") / "pipeline"
-    args = ["--run_dir", str(run_dir), "--trainer.accelerator", "cpu", "--pe.resolution", "null",
+    args = ["--run_dir", str(run_dir), "--trainer.accelerator", "cpu", "--layer_scale_init", "0.1",
+            "--drop_path_rate", "0.1", "--pe.resolution", "null",
             "--pe.data.image_size", "64", *_stage_flags("pe", 2), "--pe.data.batch_size", "8"]
     for name in ("lm", "stage1", "stage2", "stage3"):
         args += _stage_flags(name, 2)
@@ -96,7 +99,7 @@ def test_each_stage_trains_its_parts_and_leaves_the_frozen_ones_bit_identical(pi
 def test_stage_two_starts_from_stage_one_with_exactly_the_gammas_new(pipeline):
     run_dir, _, first = pipeline
     stage1, stage2 = _weights(run_dir / "stage1"), _weights(run_dir / "stage2")
-    assert stage2.keys() - stage1.keys() == {f"vision.blocks.{i}.gamma_{j}" for i in range(3) for j in (1, 2)}
+    assert stage2.keys() - stage1.keys() == {f"vision.blocks.{i}.gamma_{j}" for i in range(4) for j in (1, 2)}
     assert not stage1.keys() - stage2.keys()
     assert "LayerScale new at 0.1 (missing from the source)" in first.stdout + first.stderr
 
@@ -104,8 +107,7 @@ def test_stage_two_starts_from_stage_one_with_exactly_the_gammas_new(pipeline):
 def test_the_pipeline_tabulates_every_stage_and_a_rerun_trains_nothing(pipeline, run_recipe):
     run_dir, args, first = pipeline
     table = (run_dir / "results.md").read_text()
-    assert table.splitlines()[0] == "| held-out accuracy (%) | majority answer | text-only prior | lm | stage1 | " \
-                                    "stage2 | stage3 |"
+    assert table.splitlines()[0] == "| held-out | majority answer | text-only prior | lm | stage1 | stage2 | stage3 |"
     assert all(json.loads((run_dir / name / "stage.json").read_text())["run_dir"] for name in
                ("pe", "lm", "stage1", "stage2", "stage3"))
     again = run_recipe("recipes.plm", *args)
@@ -142,8 +144,8 @@ def test_bad_input_stops_before_compute_with_the_reason(case, run_recipe, tmp_pa
         tokenizer.mkdir()
         vocab = {token: i for i, token in enumerate(["a", "[UNK]", BEGIN_OF_TEXT, START_HEADER, END_HEADER,
                                                      END_OF_TURN])}  # Llama 3's chat tokens, no <|image|>
-        (tokenizer / "tokenizer.json").write_text(json.dumps(
-            {"version": "1.0", "added_tokens": [], "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "[UNK]"}}))
+        model = {"type": "WordLevel", "vocab": vocab, "unk_token": "[UNK]"}
+        (tokenizer / "tokenizer.json").write_text(json.dumps({"version": "1.0", "added_tokens": [], "model": model}))
         args += ["--data.tokenizer", str(tokenizer)]
         expected = IMAGE_TOKEN
     else:

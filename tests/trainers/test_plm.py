@@ -465,3 +465,17 @@ def test_a_pe_core_run_starts_the_tower_and_nothing_else(tmp_path):
     with pytest.raises(ValueError, match=r"does not fit vit_pe_core_nano_patch8_64 with 3 blocks(.|\n)*other shape"):
         method().init_from(path)
 
+
+
+def test_captions_are_scored_against_their_references_and_other_tasks_are_not():
+    words = {1: "a", 2: "red", 3: "circle", 4: "on", 5: "blue", 6: "green", 7: "star", 8: "grey"}
+    decode = lambda ids: " ".join(words[i] for i in ids)  # noqa: E731
+    record = lambda key, task, pred, answer: {"key": key, "task": task, "kind": "open", "prediction": pred,  # noqa: E731
+                                              "answer": answer, "correct": pred == answer}
+    exact = [record("k0", "image_caption", [1, 2, 3, 4, 5], [1, 2, 3, 4, 5]),
+             record("k1", "image_caption", [1, 6, 7, 4, 8], [1, 6, 7, 4, 8])]
+    scores = plm.caption_metrics(exact + [record("k2", "image_colour", [2], [5])], decode)
+    assert scores == pytest.approx({"caption_bleu4": 100.0, "caption_cider": 10.0}, abs=1e-4)
+    wrong = plm.caption_metrics([exact[0], record("k1", "image_caption", [1, 2, 7, 4, 8], [1, 6, 7, 4, 8])], decode)
+    assert wrong["caption_bleu4"] < 100.0 and wrong["caption_cider"] < 10.0
+    assert plm.caption_metrics(exact[:1], decode) == {}

@@ -1,0 +1,120 @@
+"""PE spatial alignment: the two losses against hand computations, the teachers' features against independent
+paths (SAM 2's image predictor, timm's intermediate features), and the method's frozen parts."""
+
+import math
+import pathlib
+
+import numpy as np
+import pytest
+import torch
+
+import models
+from models.sam.image_predictor import SAM2ImagePredictor
+from tests.models.test_sam2_model import sam2_nano_checkpoint
+from trainers.pe_spatial import (SpatialAlignment, block_tokens, correspondence_loss, grid_points, load_sam2_teacher,
+                                 pairwise_cosine, sam_mask_logit_features, spatial_trunk, token_alignment_loss)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def cos(a: list[float], b: list[float]) -> float:
+    dot = sum(x * y for x, y in zip(a, b))
+    return dot / (math.sqrt(sum(x * x for x in a)) * math.sqrt(sum(y * y for y in b)))
+
+
+def test_token_alignment_loss_is_negative_cosine_by_hand():
+    student = [[1.0, 2.0, 0.0], [0.0, -1.0, 3.0]]
+    teacher = [[2.0, 1.0, 1.0], [1.0, 1.0, -1.0]]
+    expected = -(cos(student[0], teacher[0]) + cos(student[1], teacher[1])) / 2
+    loss = token_alignment_loss(torch.tensor([student]), torch.tensor([teacher]))
+    assert loss.item() == pytest.approx(expected, rel=1e-6)
+    same = torch.randn(2, 5, 4)
+    assert token_alignment_loss(same, 3 * same).item() == pytest.approx(-1.0)  # aligned: the minimum, -1
+    assert token_alignment_loss(same, -same).item() == pytest.approx(1.0)
+
+
+def test_correspondence_loss_by_hand():
+    student = [[1.0, 0.0], [1.0, 1.0], [0.0, 2.0]]  # 3 tokens, width 2
+    teacher = [[3.0, -1.0, 0.0, 2.0], [1.0, 1.0, 1.0, 1.0], [-2.0, 0.0, 1.0, 0.0]]  # 3 tokens, 4 mask logits
+    s = [[cos(a, b) for b in student] for a in student]
+    t = [[cos(a, b) for b in teacher] for a in teacher]
+    expected = -sum(cos(s[i], t[i]) for i in range(3)) / 3
+    loss = correspondence_loss(torch.tensor([student]), torch.tensor([teacher]))
+    assert loss.item() == pytest.approx(expected, rel=1e-6)
+    assert torch.allclose(pairwise_cosine(torch.tensor([student]))[0], torch.tensor(s), atol=1e-6)
+
+
+def test_correspondence_loss_ignores_what_the_similarities_ignore():
+    torch.manual_seed(0)
+    student, teacher = torch.randn(2, 6, 4), torch.randn(2, 6, 9)
+    rotation = torch.linalg.qr(torch.randn(4, 4))[0]
+    scale = torch.rand(2, 6, 1) + 0.5
+    base = correspondence_loss(student, teacher)
+    assert correspondence_loss(student @ rotation, teacher * scale).item() == pytest.approx(base.item(), abs=1e-6)
+    assert correspondence_loss(teacher, teacher).item() == pytest.approx(-1.0)
+
+
+def test_grid_points():
+    assert grid_points(2, 8).tolist() == [[2.0, 2.0], [6.0, 2.0], [2.0, 6.0], [6.0, 6.0]]
+
+
+@pytest.fixture(scope="module")
+def teacher_file(tmp_path_factory) -> pathlib.Path:
+    return sam2_nano_checkpoint(tmp_path_factory.mktemp("sam2"))[1]
+
+
+def test_sam_features_are_the_image_predictors_best_masks(teacher_file):
+    sam = load_sam2_teacher(str(teacher_file))
+    torch.manual_seed(1)
+    image = torch.randint(0, 256, (3, 128, 128), dtype=torch.uint8)
+    features = sam_mask_logit_features(sam, (image[None] / 255.0 - 0.5) / 0.5, 2, (32, 32))  # (1, 32*32, 4)
+    predictor = SAM2ImagePredictor(sam)
+    predictor.set_image(image.permute(1, 2, 0).numpy())
+    for p, (x, y) in enumerate([(32, 32), (96, 32), (32, 96), (96, 96)]):
+        _, iou, low_res = predictor.predict(np.array([[x, y]]), np.array([1]), multimask_output=True)
+        best = torch.from_numpy(low_res[int(np.argmax(iou))])
+        assert torch.allclose(features[0, :, p], best.flatten(), atol=1e-3)
+    pooled = sam_mask_logit_features(sam, (image[None] / 255.0 - 0.5) / 0.5, 2, (16, 16))
+    by_hand = features[0].T.view(4, 16, 2, 16, 2).mean(dim=(2, 4)).flatten(1).T  # 2 x 2 averages
+    assert torch.allclose(pooled[0], by_hand, atol=1e-4)
+
+
+def test_a_teacher_that_is_not_sam2_is_refused(tmp_path):
+    (tmp_path / "config.yaml").write_text("model:\n  name: pe_core_nano\n")  # a PE run, not a SAM 2 one
+    with pytest.raises(ValueError, match="is not a SAM 2 model: .*pe_core_nano"):
+        load_sam2_teacher(str(tmp_path))
+
+
+def test_block_tokens_are_timms_intermediate_features():
+    trunk = models.create("pe_core_nano").visual.trunk.eval()
+    images = torch.randn(2, 3, 128, 128)
+    with torch.no_grad():
+        timm_tokens = trunk.forward_intermediates(images, indices=[1, 3], norm=False, output_fmt="NLC",
+                                                  intermediates_only=True)
+        assert torch.allclose(block_tokens(trunk, images, 2), timm_tokens[0], atol=1e-5)
+        assert torch.allclose(block_tokens(trunk, images, 4), timm_tokens[1], atol=1e-5)
+        last = spatial_trunk(trunk).forward_features(images)[:, 1:]
+        assert torch.allclose(last, timm_tokens[1], atol=1e-5)  # no final norm
+
+
+def test_step_trains_the_student_only(teacher_file, tmp_path):
+    clip = models.create("pe_core_nano")
+    torch.save({"state_dict": {f"model.{k}": v for k, v in clip.state_dict().items()}}, tmp_path / "pe.ckpt")
+    method = SpatialAlignment({"name": "pe_core_nano"}, None, 1e-4, 10, str(teacher_file), 64)
+    lines = method.init_from(tmp_path / "pe.ckpt")
+    assert "text tower" in lines[0]
+    trunk = clip.visual.trunk.state_dict()
+    for name, value in method.model.state_dict().items():
+        assert torch.equal(value, trunk[name]) and torch.equal(method.start.state_dict()[name], trunk[name])
+    assert not any(k.startswith("sam") for k in method.state_dict())  # the SAM 2 teacher stays out of checkpoints
+    optimised = {id(p) for group in method.param_groups() for p in group["params"]}
+    assert optimised == {id(p) for p in method.model.parameters()}
+
+    method.train()
+    assert not method.start.training and not method.sam.training
+    loss = method.compute_loss({"frames": torch.randn(1, 2, 3, 64, 64)})
+    loss.backward()
+    expected = method._self_loss.detach() + method._sam_loss.detach()
+    assert torch.isfinite(loss) and torch.allclose(loss.detach(), expected)
+    assert all(p.grad is not None for p in method.model.blocks.parameters())
+    assert all(p.grad is None for p in [*method.start.parameters(), *method.sam.parameters()])
