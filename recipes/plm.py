@@ -19,7 +19,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from datamodules.conversations import SYNTHETIC_CONVERSATIONS, TOKENIZER_DIR, ConversationDataConfig
-from datamodules.synthetic_conversations import TASKS, ConversationWorldConfig, ensure_conversation_world
+from datamodules.synthetic_conversations import (IMAGE_TASKS, TASKS, VIDEO_TASKS, ConversationWorldConfig,
+                                                 ensure_conversation_world)
 from recipes import pe_pretrain as pe_recipe
 from recipes import plm_train
 from recipes.cli import parse_config
@@ -114,8 +115,10 @@ def results_table(results: dict[str, dict], data: ConversationDataConfig) -> str
     lines = ["| held-out | " + " | ".join(columns) + " |", "|---" * (1 + len(columns)) + "|"]
     for row in ("vqa_accuracy", "mcq_accuracy", "caption_cider", "caption_bleu4", *(f"acc_{task}" for task in TASKS)):
         task = row.removeprefix("acc_")
-        known = ([100 * world.baseline[task], 100 * world.text_only[task]] if world and task in TASKS
-                 else [None] * len(baselines))
+        # the world's tasks have equal validation counts: a kind's baseline is the mean of its tasks'
+        tasks = {"vqa_accuracy": IMAGE_TASKS, "mcq_accuracy": VIDEO_TASKS}.get(row, [task] if task in TASKS else [])
+        known = ([100 * sum(b[t] for t in tasks) / len(tasks) for b in (world.baseline, world.text_only)]
+                 if world and tasks else [None] * len(baselines))
         values = known + [results[name].get(row) for name in ran]
         lines.append(f"| {task} | " + " | ".join("-" if v is None else f"{float(v):.1f}" for v in values) + " |")
     return "\n".join(lines)
