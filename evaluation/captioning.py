@@ -8,9 +8,6 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping, Sequence
 
-from pycocoevalcap.bleu.bleu import Bleu
-from pycocoevalcap.cider.cider import Cider
-
 _WORD = re.compile(r"[a-z0-9]+(?:'[a-z]+)?")
 
 
@@ -26,6 +23,11 @@ def caption_scores(predictions: Mapping[str, str], references: Mapping[str, Sequ
         raise ValueError(f"caption_scores needs the same keys on both sides, got {len(predictions)} predictions "
                          f"and {len(references)} reference sets ({sorted(set(predictions) ^ set(references))[:5]} "
                          "differ)")
+    # Imported here: the package carries about 100 MB of Java tools besides these two scorers, and a training run
+    # that never scores captions (a benchmark, a machine without it) should not need it.
+    from pycocoevalcap.bleu.bleu import Bleu
+    from pycocoevalcap.cider.cider import Cider
+
     res = {k: [words(p)] for k, p in predictions.items()}
     gts = {k: [words(r) for r in refs] for k, refs in references.items()}
     bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)

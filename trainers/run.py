@@ -86,6 +86,10 @@ def run(cfg, config_yaml: str, method: Callable[[float], Method], datamodule: L.
         if outcome.exit_code:
             raise SystemExit(outcome.exit_code)
         return {}
+    if validate and cfg.trainer.strategy.startswith("deepspeed"):
+        # Lightning's teardown after fit moved the module to the CPU; DeepSpeed's inference engine moves ZeRO-3's
+        # persistent (small, unpartitioned) parameters back only if told, and they would meet CUDA inputs there.
+        module.to(trainer.strategy.root_device)
     metrics = trainer.validate(module, datamodule=datamodule, verbose=False)[0] if validate else {}
     if not trainer.is_global_zero:
         return {}
