@@ -61,29 +61,48 @@ def read_inputs(cfg: Config) -> tuple[Path, dict, str | None, list]:
     return hf, visual, None if cfg.image is None else "image", [] if cfg.image is None else [read_image(cfg.image)]
 
 
-def answer(hf: Path, visual: dict, kind: str | None, pictures: list, question: str, max_new_tokens: int = 64,
-           options: list[str] | None = None) -> str:
-    """The greedy answer, or with ``options`` one "log-likelihood<TAB>option" line per option, best first."""
+def load_chat(hf: Path, visual: dict, kind: str | None, pictures: list, question: str,
+              max_new_tokens: int = 64) -> tuple:
+    """The tokenizer, the model on its device, the pictures as tiles or frames and the prompt's ids: what can be
+    wrong with the inputs (no tokenizer, a prompt past the model's context) fails here, before any compute."""
+    tokenizer = load_tokenizer(hf)
     device, dtype = ("cuda", torch.bfloat16) if torch.cuda.is_available() else ("cpu", torch.float32)
-    tokenizer, model = load_tokenizer(hf), load_hf(hf).to(device, dtype).eval()
+    model = load_hf(hf).to(device, dtype).eval()
     size = model.cfg.image_size  # tiles and frames are the tower's input size
     media = (PLMImageTransform(visual["vision_input"], size, visual["max_num_tiles"])(pictures[0]) if kind == "image"
              else video_frames(pictures, size) if kind == "video" else None)
     marker = {"image": IMAGE_MARKER + "\n", "video": VIDEO_MARKER + "\n"}.get(kind, "")
     turns = [{"from": "human", "value": marker + question}, {"from": "gpt", "value": ""}]  # the prompt, then ""
-    prompt, _ = encode_prompt(tokenizer, turns, [len(media) * model.tokens_per_tile] if kind else [],
-                              model.cfg.max_position_embeddings)
+    visual_tokens = len(media) * model.tokens_per_tile if kind else 0
+    prompt, _ = encode_prompt(tokenizer, turns, [visual_tokens] if kind else [], sys.maxsize)
+    context = model.cfg.max_position_embeddings
+    if len(prompt) + max_new_tokens > context:
+        raise ValueError(f"the prompt is {len(prompt)} tokens ({visual_tokens} of them the {kind or 'picture'}'s) and "
+                         f"the answer may take {max_new_tokens} more, past the model's context of {context} tokens: "
+                         "ask a shorter question, or pass a smaller --max_num_tiles, --max_video_frames or "
+                         "--max_new_tokens")
     print(f"[plm_chat] {hf} on {device}: {len(prompt)} prompt tokens, "
           f"{f'{len(media)} tiles of {size} px from the {kind}' if kind else 'no picture'}", file=sys.stderr)
-    ids = torch.tensor([prompt], device=device)
+    return tokenizer, model, None if media is None else media.to(device, dtype), torch.tensor([prompt], device=device)
+
+
+def respond(tokenizer, model, media: torch.Tensor | None, ids: torch.Tensor, max_new_tokens: int = 64,
+            options: list[str] | None = None) -> str:
+    """The greedy answer, or with ``options`` one "log-likelihood<TAB>option" line per option, best first."""
     with torch.no_grad():
-        embeds = model.input_embeddings(ids, None if media is None else media.to(device, dtype))
+        embeds = model.input_embeddings(ids, media)
     lm, mask = model.language_model, torch.ones_like(ids)
     if options:
         scores = option_log_probs(lm, embeds, mask, [[answer_tokens(tokenizer, option) for option in options]])[0]
         return "\n".join(f"{score:.4f}\t{option}" for score, option in sorted(zip(scores, options), reverse=True))
     generated = greedy_decode(lm, embeds, mask, [max_new_tokens], [tokenizer.eot_token_id])[0]
     return tokenizer.decode(generated, skip_special_tokens=True).strip()
+
+
+def answer(hf: Path, visual: dict, kind: str | None, pictures: list, question: str, max_new_tokens: int = 64,
+           options: list[str] | None = None) -> str:
+    """The greedy answer, or with ``options`` one "log-likelihood<TAB>option" line per option, best first."""
+    return respond(*load_chat(hf, visual, kind, pictures, question, max_new_tokens), max_new_tokens, options)
 
 
 if __name__ == "__main__":
@@ -93,7 +112,7 @@ if __name__ == "__main__":
     args = parser.parse_args()
     cfg = Config(**{f.name: args[f.name] for f in fields(Config)})
     try:
-        inputs = read_inputs(cfg)
-    except ValueError as err:
+        chat = load_chat(*read_inputs(cfg), args.question, cfg.max_new_tokens)
+    except (ValueError, FileNotFoundError) as err:
         parser.error(str(err))
-    print(answer(*inputs, args.question, cfg.max_new_tokens, args.options))
+    print(respond(*chat, cfg.max_new_tokens, args.options))

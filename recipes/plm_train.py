@@ -33,9 +33,11 @@ class Config:
     """Run directory: config, tokenizer, checkpoints, W&B run, answer tables and exports. Reusing it resumes."""
     seed: int = 0
     """Seed of weights and data order."""
-    init_from: str | None = None
-    """An earlier PLM stage (run directory or checkpoint), a Hugging Face PerceptionLM directory, or a PE-Core
-    contrastive run (recipes.pe_pretrain) for the vision tower alone. Ignored when run_dir already has a checkpoint."""
+    init_from: str | list[str] | None = None
+    """An earlier PLM stage (run directory or checkpoint) or a Hugging Face PerceptionLM directory; or, for one part,
+    a PE-Core contrastive run (recipes.pe_pretrain) or timm PE tower directory for the vision tower and a Hugging
+    Face Llama directory for the language model. A list loads each in turn: stage 1 from PE-Core and Llama 3 is
+    --init_from '[PE_DIR, LLAMA_DIR]'. Ignored when run_dir already has a checkpoint."""
     model: PLMModelConfig = field(default_factory=PLMModelConfig)
     """The model, which parts train, LayerScale, pooling and drop path of the stage."""
     data: ConversationDataConfig = field(default_factory=lambda: ConversationDataConfig(tokens_per_tile=64))

@@ -32,6 +32,12 @@ def one_thread():
 def pytest_collection_modifyitems(config, items):
     import torch
 
+    # Under pytest-xdist's loadgroup: a test file's tests run on one worker, so module-scoped fixtures (a trained
+    # run several tests read) are built once; every SLURM test joins one group, because they start and stop the
+    # one local cluster (fixed ports and directory).
+    for item in items:
+        group = "slurm" if "slurm" in item.keywords else item.nodeid.split("::")[0]
+        item.add_marker(pytest.mark.xdist_group(group))
     if torch.cuda.is_available():
         return
     skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU")

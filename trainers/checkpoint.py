@@ -191,3 +191,22 @@ def save_safetensors(tensors: dict[str, torch.Tensor], path: str | Path, metadat
         save_file(contiguous, str(tmp), metadata={k: json.dumps(v) for k, v in metadata.items()})
     return path
 
+
+def save_timm_tower(tower: torch.nn.Module, state: dict[str, torch.Tensor], out_dir: str | Path, architecture: str,
+                    image_size: int, model_args: dict[str, Any], prism: dict[str, Any]) -> Path:
+    """A timm vision trunk without head, pooling or final norm as a timm model directory: ``model.safetensors``
+    (``state``, timm's keys) and ``config.json`` in timm's layout, so that ``timm.create_model(
+    config["architecture"], **config["model_args"])`` loads it strictly. ``model_args`` adds to the headless
+    arguments (depth, LayerScale, RoPE reference); ``prism`` records where the tower came from."""
+    data = {k: tower.pretrained_cfg[k] for k in ("mean", "std", "interpolation") if k in tower.pretrained_cfg}
+    config = {"architecture": architecture, "num_classes": 0, "num_features": tower.embed_dim,
+              "model_args": {"img_size": image_size, "num_classes": 0, "global_pool": "",
+                             "use_post_transformer_norm": False, **model_args},
+              "pretrained_cfg": {**data, "input_size": [3, image_size, image_size], "num_classes": 0},
+              "prism": prism}
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "config.json").write_text(json.dumps(config, indent=1))
+    save_safetensors(state, out_dir / "model.safetensors", {"architecture": architecture, "image_size": image_size})
+    return out_dir
+

@@ -62,12 +62,13 @@ def source_model_section(init_from: str) -> dict:
     return {}
 
 
-def source_model_name(init_from: str) -> str:
-    """model.name from the config.yaml of the run that holds ``init_from`` (an MAE model's encoder for mae_*)."""
+def source_model_name(init_from: str, flag: str = "--model.name", example: str = "vit_tiny_patch8") -> str:
+    """model.name from the config.yaml of the run that holds ``init_from`` (an MAE model's encoder for mae_*);
+    ``flag`` and ``example``: what the error tells the user to pass instead."""
     name = source_model_section(init_from).get("name")
     if not name:
         raise ValueError(f"Cannot tell which model {init_from} holds: no config.yaml with model.name in it or its "
-                         "parents. Pass --model.name (e.g. vit_tiny_patch8).")
+                         f"parents. Pass {flag} (e.g. {example}).")
     return name.removeprefix("mae_")
 
 
@@ -118,7 +119,8 @@ def load_sam_model(init_from: str, name: str | None = None) -> nn.Module:
     # Lightning checkpoints hold state_dict, a plainly saved LightningModule state model.*; official files neither
     official = bool(checkpoint) and "state_dict" not in checkpoint and not any(
         str(k).startswith("model.") for k in checkpoint)
-    name = name or (official_sam_name(path) if official else source_model_name(init_from))
+    name = name or (official_sam_name(path) if official
+                    else source_model_name(init_from, "--model", "sam2.1_hiera_tiny"))
     with torch.device("meta"):  # the file's tensors replace the parameters: no random init of a ViT-H
         model = _sam_as_trained(name, {} if official else source_model_section(init_from))
     if not isinstance(model, (SAM, SAM2)):

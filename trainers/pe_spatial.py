@@ -22,7 +22,6 @@ aligned tower and, as ``start_*``, for the frozen starting tower's last block.
 from __future__ import annotations
 
 import copy
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,7 +41,7 @@ from models.sam.image_predictor import IMAGENET_MEAN, IMAGENET_STD, LOW_RES_LOGI
 from models.sam.sam2 import SAM2
 from trainers.distributed import gather_objects
 from trainers.eval_model import load_sam_model
-from trainers.checkpoint import save_safetensors
+from trainers.checkpoint import save_timm_tower
 from trainers.handoff import load_into
 from trainers.method import Method, as_config
 from trainers.optim import OptimConfig, param_groups_weight_decay
@@ -341,16 +340,9 @@ def export_spatial_tower(tower: Eva, architecture: str, image_size: int, out_dir
     state["pos_embed"] = resample_abs_pos_embed(state["pos_embed"], new_size=(grid, grid),
                                                 old_size=tower.patch_embed.grid_size, num_prefix_tokens=1,
                                                 interpolation="bilinear", antialias=False)
-    model_args = {"img_size": image_size, "depth": len(tower.blocks), "num_classes": 0, "global_pool": "",
-                  "use_post_transformer_norm": False, "init_values": None, "ref_feat_shape": [grid, grid]}
-    data = {k: tower.pretrained_cfg[k] for k in ("mean", "std", "interpolation") if k in tower.pretrained_cfg}
-    config = {"architecture": architecture, "num_classes": 0, "num_features": tower.embed_dim, "model_args": model_args,
-              "pretrained_cfg": {**data, "input_size": [3, image_size, image_size], "num_classes": 0},
-              "prism": {"source": "PE spatial alignment", **metadata}}
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "config.json").write_text(json.dumps(config, indent=1))
-    save_safetensors(state, out_dir / "model.safetensors", {"architecture": architecture, "image_size": image_size})
-    return out_dir
+    model_args = {"depth": len(tower.blocks), "init_values": None, "ref_feat_shape": [grid, grid]}
+    return save_timm_tower(tower, state, out_dir, architecture, image_size, model_args,
+                           {"source": "PE spatial alignment", **metadata})
 
 
 def validation_metrics(records: list[dict], prefix: str) -> dict[str, float]:

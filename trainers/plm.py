@@ -19,6 +19,7 @@ questions by the option with the highest summed log-probability under teacher fo
 from __future__ import annotations
 
 import json
+import math
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -29,13 +30,15 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import WandbLogger
+from timm.layers import resample_abs_pos_embed
 from torch import Tensor, nn
+from transformers import LlamaForCausalLM
 
 import models
 from batch_contract import IGNORE_INDEX
 from evaluation.captioning import caption_scores
 from models.plm import PLMConfig, PerceptionLM, load_hf, save_hf
-from trainers.checkpoint import save_safetensors
+from trainers.checkpoint import save_timm_tower
 from trainers.distributed import gather_objects
 from trainers.handoff import load_state_dict
 from trainers.method import Method, as_config
@@ -256,11 +259,25 @@ class PLMTraining(Method):
     # -- weights in and out --------------------------------------------------------------------------------------
     def init_from(self, source) -> list[str]:
         """A Hugging Face PerceptionLM directory (``save_hf``'s, or a converted PLM checkpoint), an earlier Prism run /
-        checkpoint of a PLMTraining (keys under ``model.``), or a Prism PE-Core contrastive run (keys under
-        ``model.visual.trunk.``: the vision tower only, as PLM stage 1 starts from PE-Core). Strict, except that
+        checkpoint of a PLMTraining (keys under ``model.``), or for one part only: a Prism PE-Core contrastive run
+        (keys under ``model.visual.trunk.``) or a timm PE tower directory (PE-Core's, or a PE-Lang export) for the
+        vision tower, as PLM stage 1 starts from PE-Core, and a Hugging Face Llama directory for the language model,
+        as it starts from Llama 3. A list applies each in turn (stage 1: ``[PE-Core, Llama]``). Strict, except that
         the LayerScale gammas may be missing altogether (stage 1 -> 2: they start at ``layer_scale_init``)."""
+        if isinstance(source, (list, tuple)):
+            return [line for one in source for line in self.init_from(one)]
         path = Path(source)
-        if path.is_dir() and (path / "config.json").is_file():
+        config = json.loads((path / "config.json").read_text()) if (path / "config.json").is_file() else None
+        if config is not None and config.get("model_type") == "llama":
+            return [f"init_from {source}: Hugging Face Llama directory"] + load_llama(self.model, path)
+        if config is not None and str(config.get("architecture", "")).startswith("vit_pe_"):
+            weights = [path / name for name in ("model.safetensors", "pytorch_model.bin") if (path / name).is_file()]
+            if not weights:
+                raise FileNotFoundError(f"{source} holds a timm config.json but no model.safetensors or "
+                                        "pytorch_model.bin next to it")
+            return [f"init_from {source}: timm PE tower directory ({config['architecture']})"] + \
+                load_pe_tower(self.model, load_state_dict(weights[0]), source)
+        if config is not None:
             loaded = load_hf(path)
             differences = architecture_differences(self.model.cfg, loaded.cfg)
             if differences:
@@ -468,12 +485,36 @@ _PE_ONLY = ("attn_pool.", "head.", "norm.", "fc_norm.")
 """What PE-Core's tower has past the blocks PLM keeps: pooling, projection and the final norm (ln_post)."""
 
 
+# The decoder's fields that change its numbers; max_position_embeddings does not (Llama 3's RoPE scaling keeps its
+# own original length in rope_parameters).
+_LLAMA_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                 "num_key_value_heads", "rms_norm_eps", "rope_parameters", "tie_word_embeddings")
+
+
+def load_llama(model: PerceptionLM, directory: Path) -> list[str]:
+    """A Hugging Face Llama directory (``LlamaForCausalLM.save_pretrained``: Llama 3.2 1B / 3B or Llama 3.1 8B
+    Instruct) into the language model, strictly, as PLM stage 1 starts its decoder from Llama 3. Every field of the
+    decoder that changes its numbers must match; the vision tower and projector keep their start."""
+    loaded = LlamaForCausalLM.from_pretrained(directory, dtype=torch.float32)
+    ours = model.language_model.config
+    differences = [f"{name} {getattr(loaded.config, name, None)!r} (this model: {getattr(ours, name, None)!r})"
+                   for name in _LLAMA_FIELDS if getattr(loaded.config, name, None) != getattr(ours, name, None)]
+    if differences:
+        raise ValueError(f"The Llama in {directory} does not fit this PerceptionLM's decoder: {'; '.join(differences)}"
+                         ". Pick the PLM size of that Llama (--model.name plm_1b for Llama 3.2 1B, plm_3b for 3.2 3B, "
+                         "plm_8b for 3.1 8B) and its tokenizer (--data.tokenizer DIR), whose length sets vocab_size.")
+    model.language_model.load_state_dict(loaded.state_dict(), strict=True)
+    count = sum(p.numel() for p in loaded.parameters())
+    return [f"language model: {count / 1e6:.1f}M parameters from the Llama; vision tower and projector keep theirs"]
+
+
 def load_pe_tower(model: PerceptionLM, trunk: dict[str, Tensor], source) -> list[str]:
     """PE-Core's trunk into the vision tower as perception_models apps/plm loads it (``strict=False`` into the kept
     blocks): blocks past ``vision_layers``, the attention pooling, projection and final norm are left out, and the
     LayerScale gammas, which PE-Core lacks, keep their start. Anything else that does not fit raises."""
     target = model.vision.state_dict()
     depth = model.cfg.vision_layers
+    trunk, resampled = _pos_embed_to_grid(model, trunk)
     past = {k for k in trunk if k.startswith("blocks.") and int(k.split(".")[1]) >= depth}
     unused = past | {k for k in trunk if k.startswith(_PE_ONLY) and k not in target}
     missing = {k for k in target.keys() - trunk.keys() if not _is_gamma("vision." + k)}
@@ -488,7 +529,22 @@ def load_pe_tower(model: PerceptionLM, trunk: dict[str, Tensor], source) -> list
     model.vision.load_state_dict({k: v for k, v in trunk.items() if k in target}, strict=False)
     return [f"vision tower: {len(target.keys() & trunk.keys())} of {len(target)} tensors from PE-Core; left out "
             f"{len(past)} tensors of blocks >= {depth} and {sorted({k.split('.')[0] for k in unused - past})}; "
-            "projector and language model keep their initialisation"]
+            "projector and language model keep their initialisation" + resampled]
+
+
+def _pos_embed_to_grid(model: PerceptionLM, trunk: dict[str, Tensor]) -> tuple[dict[str, Tensor], str]:
+    """PE's position table resampled to the tower's tile grid when it was trained at another size, as PLM-1B/3B
+    start from PE-Core-L14-336 at 448 px: bilinear, align_corners False, the class token's row kept
+    (perception_models apps/plm/interpolate_PE_pos_embed.py). Returns the trunk and a note for the log."""
+    ours, theirs = model.vision.pos_embed, trunk.get("pos_embed")
+    if ours is None or theirs is None or theirs.shape == ours.shape or theirs.shape[-1] != ours.shape[-1]:
+        return trunk, ""  # the same grid, or a mismatch that the caller reports
+    prefix = 0 if model.vision.no_embed_class else model.vision.num_prefix_tokens
+    old = math.isqrt(theirs.shape[1] - prefix)
+    grid = tuple(model.vision.patch_embed.grid_size)
+    resampled = resample_abs_pos_embed(theirs, new_size=grid, old_size=(old, old), num_prefix_tokens=prefix,
+                                       interpolation="bilinear", antialias=False)
+    return {**trunk, "pos_embed": resampled}, f"; position table resampled from {old}x{old} to {grid[0]}x{grid[1]}"
 
 
 def export_pe_lang(model: PerceptionLM, out_dir: str | Path, vision_layer: int | None = None, **metadata) -> Path:
@@ -508,16 +564,8 @@ def export_pe_lang(model: PerceptionLM, out_dir: str | Path, vision_layer: int |
     # the tile's grid as reference gives) keeps the export's features equal to the tower's
     grid = cfg.image_size // tower.patch_embed.patch_size[0]
     ref = getattr(tower.rope, "ref_feat_shape", None)
-    model_args = {"img_size": cfg.image_size, "depth": kept, "num_classes": 0, "global_pool": "",
-                  "use_post_transformer_norm": False, "init_values": cfg.layer_scale_init,
+    model_args = {"depth": kept, "init_values": cfg.layer_scale_init,
                   "ref_feat_shape": list(ref) if ref is not None else [grid, grid]}
-    data = {k: tower.pretrained_cfg[k] for k in ("mean", "std", "interpolation") if k in tower.pretrained_cfg}
-    config = {"architecture": cfg.vision, "num_classes": 0, "num_features": tower.embed_dim, "model_args": model_args,
-              "pretrained_cfg": {**data, "input_size": [3, cfg.image_size, cfg.image_size], "num_classes": 0},
-              "prism": {"vision_layer": kept, "tower_blocks": cfg.vision_layers, "source": "PerceptionLM vision tower",
-                        **metadata}}
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "config.json").write_text(json.dumps(config, indent=1))
-    save_safetensors(state, out_dir / "model.safetensors", {"architecture": cfg.vision, "vision_layer": kept})
-    return out_dir
+    return save_timm_tower(tower, state, out_dir, cfg.vision, cfg.image_size, model_args,
+                           {"vision_layer": kept, "tower_blocks": cfg.vision_layers,
+                            "source": "PerceptionLM vision tower", **metadata})

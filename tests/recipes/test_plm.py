@@ -14,6 +14,8 @@ import torch
 from datamodules.chat import BEGIN_OF_TEXT, END_HEADER, END_OF_TURN, IMAGE_TOKEN, START_HEADER
 from datamodules.shard_writer import ShardWriter
 from models.plm import load_hf
+from recipes.cli import parse_config
+from recipes.plm_train import Config as PLMTrainConfig
 from trainers.handoff import load_state_dict
 from trainers.plm import PE_TRUNK
 
@@ -182,3 +184,9 @@ def test_the_shipped_configs_have_the_published_stage_settings(size, stage):
                                                                              0.05 if size == "8b" else 0.01, 1.0)
     assert d.vision_input == ("vanilla" if stage == 1 else "thumb+tile") and cfg.seed == 777
     assert fit_to_model(m, d).tokens_per_tile == d.tokens_per_tile == 1024 // pool ** 2  # 32 x 32 patches of 14 px
+
+
+def test_the_recipe_takes_a_list_of_sources_on_the_command_line():
+    cfg, _ = parse_config(PLMTrainConfig, ["--init_from", "[runs/pe, llama-3.2-1b]"])
+    assert cfg.init_from == ["runs/pe", "llama-3.2-1b"]
+    assert parse_config(PLMTrainConfig, ["--init_from", "runs/plm/stage1"])[0].init_from == "runs/plm/stage1"

@@ -229,3 +229,18 @@ def test_the_command_line_reports_a_bad_input_without_a_traceback(run, image):
     proc = chat("--init_from", str(run), "--image", str(image), "--video", str(image), QUESTION, check=False)
     assert proc.returncode == 2 and proc.stdout == ""
     assert "error: give --image or --video, not both" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_a_missing_tokenizer_and_a_prompt_past_the_context_are_reported_before_compute(run, image, tmp_path):
+    bare = tmp_path / "hf"
+    shutil.copytree(run / "export" / "hf", bare)
+    (bare / "tokenizer.json").unlink()
+    proc = chat("--init_from", str(bare), QUESTION, check=False)
+    assert proc.returncode == 2 and proc.stdout == "" and "Traceback" not in proc.stderr
+    assert f"{bare} has no tokenizer.json" in proc.stderr
+
+    context = json.loads((bare / "config.json").read_text())["text_config"]["max_position_embeddings"]
+    proc = chat("--init_from", str(run), "--image", str(image), "--max_new_tokens", str(context), QUESTION,
+                check=False)
+    assert proc.returncode == 2 and proc.stdout == "" and "Traceback" not in proc.stderr
+    assert f"the answer may take {context} more, past the model's context of {context} tokens" in proc.stderr

@@ -14,7 +14,8 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 from torch.utils.data import DataLoader
-from transformers import PerceptionLMForConditionalGeneration
+from timm.models import save_for_hf
+from transformers import LlamaConfig, LlamaForCausalLM, PerceptionLMForConditionalGeneration
 
 import models
 import trainers.plm as plm
@@ -479,3 +480,50 @@ def test_captions_are_scored_against_their_references_and_other_tasks_are_not():
     wrong = plm.caption_metrics([exact[0], record("k1", "image_caption", [1, 2, 7, 4, 8], [1, 6, 7, 4, 8])], decode)
     assert wrong["caption_bleu4"] < 100.0 and wrong["caption_cider"] < 10.0
     assert plm.caption_metrics(exact[:1], decode) == {}
+
+
+def test_stage1_starts_from_a_timm_pe_directory_and_a_hugging_face_llama(tmp_path):
+    """PLM stage 1 starts from PE-Core and Llama 3: a timm tower directory (timm's own save_for_hf, as the hub's
+    PE-Core repositories hold it) gives the vision tower, a LlamaForCausalLM.save_pretrained directory the
+    decoder, the projector keeps its start; a Llama of another size is refused with the field that differs."""
+    torch.manual_seed(2)
+    pe = models.create("pe_core_nano")
+    save_for_hf(pe.visual.trunk, tmp_path / "pe", safe_serialization=True)
+    m = method()
+    before = state(m.model)
+    torch.manual_seed(3)
+    llama = LlamaForCausalLM(LlamaConfig(**m.model.language_model.config.to_dict())).eval()
+    llama.save_pretrained(tmp_path / "llama")
+    lines = m.init_from([str(tmp_path / "pe"), str(tmp_path / "llama")])
+    assert "timm PE tower directory" in lines[0] and "Hugging Face Llama directory" in lines[2]
+
+    trunk = pe.visual.trunk.state_dict()
+    assert all(torch.equal(v, trunk[k]) for k, v in m.model.vision.state_dict().items())
+    assert all(torch.equal(v, before[f"projector.{k}"]) for k, v in m.model.projector.state_dict().items())
+    ids = torch.randint(0, IMAGE, (2, 9))
+    with torch.no_grad():
+        assert torch.equal(m.model.language_model(input_ids=ids).logits, llama(input_ids=ids).logits)
+
+    wider = LlamaConfig(**{**llama.config.to_dict(), "hidden_size": 2 * llama.config.hidden_size})
+    LlamaForCausalLM(wider).save_pretrained(tmp_path / "wider")
+    with pytest.raises(ValueError, match=r"does not fit this PerceptionLM's decoder: hidden_size"):
+        method().init_from(str(tmp_path / "wider"))
+
+
+def test_a_pe_tower_of_another_size_has_its_position_table_resampled_bilinearly_with_the_class_row_kept(tmp_path):
+    """PLM-1B/3B start from PE-Core-L14-336 at 448 px: the 24 x 24 table goes to 32 x 32 by bilinear interpolation
+    (align_corners False), the class token's row as it was (apps/plm/interpolate_PE_pos_embed.py). Here a 4 x 4
+    table goes to the nano tower's 8 x 8."""
+    torch.manual_seed(4)
+    trunk = models.create("pe_core_nano").visual.trunk.state_dict()
+    small = torch.randn(1, 1 + 4 * 4, trunk["pos_embed"].shape[-1])
+    trunk["pos_embed"] = small
+    path = tmp_path / "pe.ckpt"
+    torch.save({"state_dict": {f"model.visual.trunk.{k}": v for k, v in trunk.items()}}, path)
+    m = method()
+    lines = m.init_from(path)
+    grid = small[:, 1:].reshape(1, 4, 4, -1).permute(0, 3, 1, 2)
+    by_hand = torch.nn.functional.interpolate(grid, size=(8, 8), mode="bilinear", align_corners=False)
+    expected = torch.cat([small[:, :1], by_hand.permute(0, 2, 3, 1).reshape(1, 64, -1)], dim=1)
+    assert torch.allclose(m.model.vision.pos_embed, expected, atol=1e-6)
+    assert "position table resampled from 4x4 to 8x8" in lines[-1]
