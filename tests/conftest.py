@@ -32,15 +32,23 @@ def one_thread():
 def pytest_collection_modifyitems(config, items):
     import torch
 
-    # Under pytest-xdist's loadgroup: a test file's tests run on one worker, so module-scoped fixtures (a trained
-    # run several tests read) are built once; every SLURM test joins one group, because they start and stop the
-    # one local cluster (fixed ports and directory).
-    for item in items:
-        group = "slurm" if "slurm" in item.keywords else item.nodeid.split("::")[0]
-        item.add_marker(pytest.mark.xdist_group(group))
     if torch.cuda.is_available():
         return
     skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU")
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip_gpu)
+
+
+def pytest_xdist_make_scheduler(config, log):
+    """How pytest-xdist shares the tests out: a test file's tests run on one worker, so its module-scoped fixtures
+    (a trained run that several tests read) are built once, and every test under tests/slurm runs on one worker,
+    because they start and stop the one local cluster (fixed ports and directory; a second worker would wait for the
+    first one's whole session). By node id, since pytest 9 ignores the id suffix of xdist's own loadgroup."""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class FilesAndCluster(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return "tests/slurm" if nodeid.startswith("tests/slurm/") else nodeid.split("::")[0]
+
+    return FilesAndCluster(config, log)
