@@ -62,13 +62,14 @@ def source_model_section(init_from: str) -> dict:
     return {}
 
 
-def source_model_name(init_from: str, flag: str = "--model.name", example: str = "vit_tiny_patch8") -> str:
+def source_model_name(init_from: str, flag: str | None = "--model.name", example: str = "vit_tiny_patch8") -> str:
     """model.name from the config.yaml of the run that holds ``init_from`` (an MAE model's encoder for mae_*);
-    ``flag`` and ``example``: what the error tells the user to pass instead."""
+    ``flag`` and ``example``: what the error tells the user to pass instead (None: the recipe has no such flag)."""
     name = source_model_section(init_from).get("name")
     if not name:
+        hint = f" Pass {flag} (e.g. {example})." if flag else ""
         raise ValueError(f"Cannot tell which model {init_from} holds: no config.yaml with model.name in it or its "
-                         f"parents. Pass {flag} (e.g. {example}).")
+                         f"parents.{hint}")
     return name.removeprefix("mae_")
 
 
@@ -108,11 +109,12 @@ def official_sam_name(path: str | Path) -> str:
     return name
 
 
-def load_sam_model(init_from: str, name: str | None = None) -> nn.Module:
+def load_sam_model(init_from: str, name: str | None = None, flag: str | None = "--model") -> nn.Module:
     """A SAM or SAM 2 on the CPU with the weights of ``init_from``: an official segment-anything ``sam_vit_*.pth``
     (its state dict), an official sam2 ``sam2*.pt`` (``{"model": state}``), or a Prism run directory, ``.ckpt``,
     DeepSpeed directory or export. ``name`` is the registered model; None: the official file's name
-    (:func:`official_sam_name`) or the run's config.yaml model.name. The model is left in train mode, as built."""
+    (:func:`official_sam_name`) or the run's config.yaml model.name. ``flag``: the recipe's flag that names the model,
+    for the error when neither tells (None: it has none). The model is left in train mode, as built."""
     path = Path(init_from)
     checkpoint = (torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
                   if path.is_file() and path.suffix in (".pt", ".pth") else {})
@@ -120,7 +122,7 @@ def load_sam_model(init_from: str, name: str | None = None) -> nn.Module:
     official = bool(checkpoint) and "state_dict" not in checkpoint and not any(
         str(k).startswith("model.") for k in checkpoint)
     name = name or (official_sam_name(path) if official
-                    else source_model_name(init_from, "--model", "sam2.1_hiera_tiny"))
+                    else source_model_name(init_from, flag, "sam2.1_hiera_tiny"))
     with torch.device("meta"):  # the file's tensors replace the parameters: no random init of a ViT-H
         model = _sam_as_trained(name, {} if official else source_model_section(init_from))
     if not isinstance(model, (SAM, SAM2)):

@@ -175,7 +175,7 @@ def load_sam2_teacher(source: str) -> SAM2:
         raise FileNotFoundError(f"--teacher {source} does not exist: pass an official sam2.1_hiera_*.pt or a "
                                 "sam2_train run directory")
     try:
-        sam = load_sam_model(source)
+        sam = load_sam_model(source, flag=None)  # pe_align_spatial names the teacher by its file only
     except (ValueError, FileNotFoundError, KeyError) as err:
         raise ValueError(f"--teacher {source} is not a SAM 2 model: {err}. Spatial alignment distils SAM 2.1's "
                          "mask logits: pass an official sam2.1_hiera_*.pt or a sam2_train run directory.") from err

@@ -524,8 +524,8 @@ def load_pe_tower(model: PerceptionLM, trunk: dict[str, Tensor], source) -> list
     if missing or unexpected or misshaped:
         raise ValueError(f"The PE tower in {source} does not fit {model.cfg.vision} with {depth} blocks:\n  missing "
                          f"{sorted(missing)}\n  unexpected {sorted(unexpected)}\n  other shape {misshaped}\n  Check "
-                         "that the PE run's model (pe_core_*) is this PerceptionLM's vision tower at the same image "
-                         "size (model.name).")
+                         "that the PE tower (pe_core_*) is this PerceptionLM's vision tower (--model.name), and that "
+                         "a tower with LayerScale gammas goes into a model with --model.layer_scale_init.")
     model.vision.load_state_dict({k: v for k, v in trunk.items() if k in target}, strict=False)
     return [f"vision tower: {len(target.keys() & trunk.keys())} of {len(target)} tensors from PE-Core; left out "
             f"{len(past)} tensors of blocks >= {depth} and {sorted({k.split('.')[0] for k in unused - past})}; "

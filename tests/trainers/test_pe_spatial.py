@@ -79,6 +79,13 @@ def test_sam_features_are_the_image_predictors_best_masks(teacher_file):
     assert torch.allclose(pooled[0], by_hand, atol=1e-4)
 
 
+def test_a_teacher_checkpoint_without_its_run_is_refused_without_a_flag_the_recipe_lacks(tmp_path):
+    torch.save({"state_dict": {"model.weight": torch.zeros(1)}}, tmp_path / "orphan.ckpt")
+    with pytest.raises(ValueError, match=r"is not a SAM 2 model: Cannot tell which model .* no config\.yaml") as err:
+        load_sam2_teacher(str(tmp_path / "orphan.ckpt"))
+    assert "Pass --" not in str(err.value)
+
+
 def test_a_teacher_that_is_not_sam2_is_refused(tmp_path):
     (tmp_path / "config.yaml").write_text("model:\n  name: pe_core_nano\n")  # a PE run, not a SAM 2 one
     with pytest.raises(ValueError, match="is not a SAM 2 model: .*pe_core_nano"):
