@@ -158,12 +158,13 @@ def step_checkpoints(cfg: TrainerConfig, run_dir: Path) -> StepCheckpoint:
 
 
 def build_trainer(cfg: TrainerConfig, logging: LoggingConfig, run_dir: str | Path, callbacks=(), *,
-                  batch_size_per_device: int, seed: int = 0) -> L.Trainer:
+                  batch_size_per_device: int, seed: int = 0, validates_after_fit: bool = False) -> L.Trainer:
     """The Trainer for a run directory, with the fault-tolerance callbacks every run gets: preemption
     (signals -> checkpoint -> requeue), per-rank random state in checkpoints, the non-finite loss guard.
 
     ``batch_size_per_device`` is the loader's batch: DeepSpeed needs it and cannot read it from our
-    pre-batched loaders (PL#19460)."""
+    pre-batched loaders (PL#19460). ``validates_after_fit``: ``trainer.validate`` follows a finished fit, so the
+    process group stays up for it."""
     run_dir = Path(run_dir)
     devices = check_devices(cfg)
     fault_tolerance = [RandomStateCheckpoint(seed), PreemptionHandler(run_dir, cfg.signal_check_every_n_steps),
@@ -195,7 +196,8 @@ def build_trainer(cfg: TrainerConfig, logging: LoggingConfig, run_dir: str | Pat
         deterministic=cfg.deterministic,
         logger=[wandb_logger(logging, run_dir), ResumableCSVLogger(save_dir=str(run_dir))],
         # The bar reads the logged loss back from the device when it redraws: at the logging cadence, not every step.
-        callbacks=[step_checkpoints(cfg, run_dir), LearningRateMonitor(logging_interval="step"), DestroyProcessGroup(),
+        callbacks=[step_checkpoints(cfg, run_dir), LearningRateMonitor(logging_interval="step"),
+                   DestroyProcessGroup(keep_after_finished_fit=validates_after_fit),
                    TQDMProgressBar(refresh_rate=cfg.log_every_n_steps), SpeedOptions(cfg.compile, cfg.channels_last),
                    *callbacks,
                    TrimMetricsOnResume(),

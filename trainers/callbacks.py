@@ -184,9 +184,18 @@ def _full_weights(trainer: L.Trainer):
 
 class DestroyProcessGroup(Callback):
     """Tear the process group down at the end of fit: an orphaned gloo group aborts the process at
-    exit now and then ("terminate called without an active exception")."""
+    exit now and then ("terminate called without an active exception").
+
+    ``keep_after_finished_fit``: a fit that reached max_steps keeps the group for the validation that follows,
+    which tears it down instead. Torn down in between, the ranks would meet again on the same port while rank 0's
+    old store may still answer, and a rank that reached it fails when it closes ("Failed to recv, got 0 bytes")."""
+
+    def __init__(self, keep_after_finished_fit: bool = False):
+        self.keep_after_finished_fit = keep_after_finished_fit
 
     def teardown(self, trainer, pl_module, stage):
+        if stage == "fit" and self.keep_after_finished_fit and trainer.global_step >= (trainer.max_steps or 0) > 0:
+            return
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.barrier()
             torch.distributed.destroy_process_group()

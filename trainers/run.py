@@ -61,7 +61,7 @@ def run(cfg, config_yaml: str, method: Callable[[float], Method], datamodule: L.
     peak = get_available_flops(torch.device("cuda"), torch.bfloat16) if uses_gpu(cfg.trainer) else None
     throughput = ThroughputLogger(cfg.data.batch_size, cfg.trainer.log_every_n_steps, None, peak)
     trainer = build_trainer(cfg.trainer, cfg.logging, run_dir, callbacks=[throughput, *callbacks],
-                            batch_size_per_device=cfg.data.batch_size, seed=cfg.seed)
+                            batch_size_per_device=cfg.data.batch_size, seed=cfg.seed, validates_after_fit=validate)
     rank_zero_info(configure_cpu_threads(cfg.data.num_workers, trainer.num_devices, cfg.trainer.cpu_threads))
     eff_batch = effective_batch(cfg.data.batch_size, cfg.trainer.accumulate_grad_batches, trainer.world_size)
     module = method(resolve_lr(cfg.optim, eff_batch))

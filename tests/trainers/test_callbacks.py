@@ -2,6 +2,7 @@
 low-precision model, and the speed options."""
 
 import csv
+from types import SimpleNamespace
 
 import lightning as L
 import pytest
@@ -10,7 +11,7 @@ from torch import nn
 
 from benchmarks import training as bench
 from trainers.build import LoggingConfig, TrainerConfig, build_trainer
-from trainers.callbacks import DataPosition, ImagePanelLogger, SpeedOptions, StepCheckpoint
+from trainers.callbacks import DataPosition, DestroyProcessGroup, ImagePanelLogger, SpeedOptions, StepCheckpoint
 from trainers.classification import ImageClassification
 from trainers.lightning_compat import sigterm_broadcast_disabled
 from trainers.mae import MAEPretraining
@@ -162,3 +163,21 @@ def test_metrics_csv_is_appended_to_and_cut_back_to_the_checkpoint(tmp_path):
     second.finalize("success")
     rows = _rows(tmp_path / "csv" / "metrics.csv")
     assert [(r["step"], r["loss"], r["lr"]) for r in rows] == [("0", "0.0", ""), ("1", "1.0", ""), ("2", "20.0", "0.1")]
+
+
+@pytest.mark.parametrize("keep, step, stage, destroyed", [
+    (True, 2, "fit", False),       # a finished fit that a validation follows keeps the group for it
+    (True, 1, "fit", True),        # a fit stopped early (preempted, guard) has no validation after it
+    (True, 2, "validate", True),   # the validation after it tears the group down
+    (False, 2, "fit", True),       # no validation follows
+])
+def test_the_process_group_outlives_a_finished_fit_only_when_a_validation_follows(tmp_path, keep, step, stage,
+                                                                                   destroyed):
+    torch.distributed.init_process_group("gloo", store=torch.distributed.FileStore(str(tmp_path / "store"), 1),
+                                         rank=0, world_size=1)
+    try:
+        DestroyProcessGroup(keep).teardown(SimpleNamespace(global_step=step, max_steps=2), None, stage)
+        assert torch.distributed.is_initialized() != destroyed
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
