@@ -88,15 +88,21 @@ class PECoreConfig:
             raise ValueError(f"text_width {self.text_width} is not divisible by text_heads {self.text_heads}.")
 
 
+def resample_pe_pos_embed(pos_embed: Tensor, new_size: tuple[int, int], old_size: tuple[int, int],
+                          num_prefix_tokens: int) -> Tensor:
+    """PE's absolute position table (1, prefix + h*w, C) at another grid as PE resamples it (pe.py:_sample_abs_posemb,
+    apps/plm/interpolate_PE_pos_embed.py): bilinear, align_corners False, no antialias, prefix rows kept."""
+    return resample_abs_pos_embed(pos_embed, new_size=new_size, old_size=old_size, num_prefix_tokens=num_prefix_tokens,
+                                  interpolation="bilinear", antialias=False)
+
+
 class _PEVisionTrunk(Eva):
     """timm's Eva with PE's positions at every grid: raw RoPE indices (see ``use_raw_rope_indices``) and the
     absolute embedding resampled as pe.py:_sample_abs_posemb does."""
 
     def _pos_embed(self, x: Tensor) -> tuple[Tensor, Tensor]:
         batch, height, width, dim = x.shape  # dynamic_img_size: the patch embedding keeps the grid
-        pos_embed = resample_abs_pos_embed(self.pos_embed, new_size=(height, width),
-                                           old_size=self.patch_embed.grid_size, num_prefix_tokens=1,
-                                           interpolation="bilinear", antialias=False)
+        pos_embed = resample_pe_pos_embed(self.pos_embed, (height, width), self.patch_embed.grid_size, 1)
         x = torch.cat([self.cls_token.expand(batch, -1, -1), x.view(batch, -1, dim)], dim=1) + pos_embed
         return self.pos_drop(x), self.rope.get_embed(shape=(height, width))
 

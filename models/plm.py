@@ -36,13 +36,13 @@ import timm
 import torch
 from huggingface_hub import save_torch_state_dict
 from safetensors.torch import load_file
-from timm.layers import DropPath, resample_abs_pos_embed
+from timm.layers import DropPath
 from timm.models.eva import Eva
 from torch import Tensor, nn
 from transformers import LlamaConfig, LlamaForCausalLM, PerceptionLMConfig, TimmWrapperConfig
 from transformers.models.perception_lm.modeling_perception_lm import PerceptionLMMultiModalProjector
 
-from .pe import _PEVisionTrunk, use_raw_rope_indices
+from .pe import _PEVisionTrunk, resample_pe_pos_embed, use_raw_rope_indices
 from .registry import register_config
 
 __all__ = ["IGNORE_INDEX", "PLMConfig", "PLMOutput", "PerceptionLM", "llama3_ffn_hidden_size", "llama_config",
@@ -146,9 +146,7 @@ class PLMVisionTrunk(_PEVisionTrunk):
         if self.cls_token is not None:
             return super()._pos_embed(x)
         batch, height, width, dim = x.shape
-        pos_embed = resample_abs_pos_embed(self.pos_embed, new_size=(height, width),
-                                           old_size=self.patch_embed.grid_size, num_prefix_tokens=0,
-                                           interpolation="bilinear", antialias=False)
+        pos_embed = resample_pe_pos_embed(self.pos_embed, (height, width), self.patch_embed.grid_size, 0)
         return self.pos_drop(x.view(batch, -1, dim) + pos_embed), self.rope.get_embed(shape=(height, width))
 
     def forward(self, images: Tensor) -> Tensor:

@@ -99,12 +99,6 @@ def respond(tokenizer, model, media: torch.Tensor | None, ids: torch.Tensor, max
     return tokenizer.decode(generated, skip_special_tokens=True).strip()
 
 
-def answer(hf: Path, visual: dict, kind: str | None, pictures: list, question: str, max_new_tokens: int = 64,
-           options: list[str] | None = None) -> str:
-    """The greedy answer, or with ``options`` one "log-likelihood<TAB>option" line per option, best first."""
-    return respond(*load_chat(hf, visual, kind, pictures, question, max_new_tokens), max_new_tokens, options)
-
-
 if __name__ == "__main__":
     parser = build_parser(Config, "python -m recipes.plm_chat", __doc__)
     parser.add_argument("question", help="The question (before --options, or after --).")

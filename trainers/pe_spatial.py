@@ -28,7 +28,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from timm.layers import resample_abs_pos_embed
 from timm.models.eva import Eva
 from torch import Tensor, nn
 
@@ -36,7 +35,7 @@ import models
 from evaluation.label_propagation import propagate_segmentation
 from evaluation.segmentation_probe import fit_segmentation_probe, mean_iou, predict_segmentation
 from evaluation.vos import evaluate_video
-from models.pe import vision_complexity
+from models.pe import resample_pe_pos_embed, vision_complexity
 from models.sam.image_predictor import IMAGENET_MEAN, IMAGENET_STD, LOW_RES_LOGIT_CLAMP, SAM2ImageModel
 from models.sam.sam2 import SAM2
 from trainers.distributed import gather_objects
@@ -337,9 +336,7 @@ def export_spatial_tower(tower: Eva, architecture: str, image_size: int, out_dir
     are ``forward_features(x)[:, num_prefix_tokens:]``, equal to the tower's at ``image_size``."""
     state = {k: v.detach().cpu() for k, v in tower.state_dict().items()}
     grid = image_size // tower.patch_embed.patch_size[0]
-    state["pos_embed"] = resample_abs_pos_embed(state["pos_embed"], new_size=(grid, grid),
-                                                old_size=tower.patch_embed.grid_size, num_prefix_tokens=1,
-                                                interpolation="bilinear", antialias=False)
+    state["pos_embed"] = resample_pe_pos_embed(state["pos_embed"], (grid, grid), tower.patch_embed.grid_size, 1)
     model_args = {"depth": len(tower.blocks), "init_values": None, "ref_feat_shape": [grid, grid]}
     return save_timm_tower(tower, state, out_dir, architecture, image_size, model_args,
                            {"source": "PE spatial alignment", **metadata})

@@ -30,13 +30,13 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import WandbLogger
-from timm.layers import resample_abs_pos_embed
 from torch import Tensor, nn
 from transformers import LlamaForCausalLM
 
 import models
 from batch_contract import IGNORE_INDEX
 from evaluation.captioning import caption_scores
+from models.pe import resample_pe_pos_embed
 from models.plm import PLMConfig, PerceptionLM, load_hf, save_hf
 from trainers.checkpoint import save_timm_tower
 from trainers.distributed import gather_objects
@@ -542,8 +542,7 @@ def _pos_embed_to_grid(model: PerceptionLM, trunk: dict[str, Tensor]) -> tuple[d
     prefix = 0 if model.vision.no_embed_class else model.vision.num_prefix_tokens
     old = math.isqrt(theirs.shape[1] - prefix)
     grid = tuple(model.vision.patch_embed.grid_size)
-    resampled = resample_abs_pos_embed(theirs, new_size=grid, old_size=(old, old), num_prefix_tokens=prefix,
-                                       interpolation="bilinear", antialias=False)
+    resampled = resample_pe_pos_embed(theirs, grid, (old, old), prefix)
     return {**trunk, "pos_embed": resampled}, f"; position table resampled from {old}x{old} to {grid[0]}x{grid[1]}"
 
 
