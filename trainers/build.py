@@ -12,7 +12,7 @@ from lightning.pytorch.callbacks import LearningRateMonitor, TQDMProgressBar
 from lightning.pytorch.loggers import WandbLogger
 
 from trainers.callbacks import DataPosition, DestroyProcessGroup, SpeedOptions, StepCheckpoint
-from trainers.checkpoint import CHECKPOINT_DIR, AtomicCheckpointIO
+from trainers.checkpoint import CHECKPOINT_DIR, AtomicCheckpointIO, written_atomically
 from trainers.cluster import check_allocation, slurm_plugins
 from trainers.guards import NonFiniteLossGuard
 from trainers.metrics_csv import ResumableCSVLogger, TrimMetricsOnResume
@@ -123,8 +123,9 @@ def wandb_run_id(run_dir: Path) -> str:
         return id_file.read_text().strip()
     stem = re.sub(r"[^A-Za-z0-9_-]", "-", run_dir.name)[:40] or "run"
     run_id = f"{stem}-{hashlib.sha1(str(run_dir.resolve()).encode()).hexdigest()[:8]}"
-    id_file.parent.mkdir(parents=True, exist_ok=True)
-    id_file.write_text(run_id + "\n")
+    # Every rank of a new run gets here at once: renamed into place, so that none reads a half-written (empty) id
+    with written_atomically(id_file) as tmp:
+        tmp.write_text(run_id + "\n")
     return run_id
 
 

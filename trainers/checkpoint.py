@@ -36,7 +36,7 @@ def _fsync_dir(directory: Path) -> None:
 
 
 @contextmanager
-def _written_atomically(path: Path) -> Iterator[Path]:
+def written_atomically(path: Path) -> Iterator[Path]:
     """Yields a temporary name next to ``path`` to write to; once the block has written it, it is fsynced
     and renamed onto ``path``. Readers see the old file or the new one, never a partial one."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -63,14 +63,14 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         path = Path(path)
         if "://" in str(path):  # remote storage: fall back to Lightning's writer
             return super().save_checkpoint(checkpoint, path, storage_options)
-        with _written_atomically(path) as tmp:
+        with written_atomically(path) as tmp:
             torch.save(checkpoint, tmp)
 
 
 def write_json_atomically(path: str | Path, obj: Any) -> Path:
     """JSON written under a temporary name in the same directory, fsynced, then renamed into place."""
     path = Path(path)
-    with _written_atomically(path) as tmp:
+    with written_atomically(path) as tmp:
         tmp.write_text(json.dumps(obj, indent=1, sort_keys=True) + "\n")
     return path
 
@@ -167,7 +167,7 @@ def bring_last_up_to_date(run_dir: str | Path, newest: Path) -> None:
         return
     log.info("%s is older than %s (a save was cut off): copying the newer one over it", last, newest)
     if newest.is_file():
-        with _written_atomically(last) as tmp:
+        with written_atomically(last) as tmp:
             shutil.copyfile(newest, tmp)
         return
     # A directory is copied, not hard-linked: DeepSpeed rewrites its files in place on the next save.
@@ -187,7 +187,7 @@ def save_safetensors(tensors: dict[str, torch.Tensor], path: str | Path, metadat
     """Atomic safetensors export; metadata values are JSON-encoded strings as the format requires."""
     path = Path(path)
     contiguous = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-    with _written_atomically(path) as tmp:
+    with written_atomically(path) as tmp:
         save_file(contiguous, str(tmp), metadata={k: json.dumps(v) for k, v in metadata.items()})
     return path
 

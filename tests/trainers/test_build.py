@@ -1,3 +1,5 @@
+import multiprocessing
+
 import pytest
 
 from trainers.lightning_compat import checkpoint_every_n_train_steps
@@ -46,3 +48,21 @@ def test_trainer_writes_into_the_run_dir(tmp_path):
     ckpt = trainer.checkpoint_callback
     assert ckpt.dirpath == str(tmp_path / "checkpoints") and checkpoint_every_n_train_steps(ckpt) == 2
     assert trainer.default_root_dir == str(tmp_path) and trainer.max_steps == 3
+
+
+def _run_id_after(barrier, run_dir, ids):
+    barrier.wait()  # every process asks at once, as the ranks of a new run do
+    ids.put(wandb_run_id(run_dir))
+
+
+def test_wandb_run_id_is_never_read_half_written_by_ranks_that_start_together(tmp_path):
+    ctx = multiprocessing.get_context("fork")
+    for attempt in range(10):
+        run_dir, barrier, ids = tmp_path / f"run{attempt}", ctx.Barrier(6), ctx.Queue()
+        procs = [ctx.Process(target=_run_id_after, args=(barrier, run_dir, ids)) for _ in range(6)]
+        for p in procs:
+            p.start()
+        got = [ids.get(timeout=60) for _ in procs]
+        for p in procs:
+            p.join()
+        assert set(got) == {wandb_run_id(run_dir)} and got[0].startswith(f"run{attempt}-")
