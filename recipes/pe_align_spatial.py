@@ -87,11 +87,13 @@ def main(cfg: Config, config_yaml: str = "") -> dict:
     def export(trained: SpatialAlignment, out: Export) -> dict:
         return trained.export(out.dir, step=out.step)
 
+    teacher = (f"SAM 2 ({Path(cfg.teacher).name}, {model.points_per_side ** 2} prompts)"
+               if model.correspondence_teacher == "sam" else "the ground-truth masks (a control, not the method)")
     headline = (f"PE spatial alignment of {model.name} @ {d.image_size}px: block {model.teacher_layer} "
-                f"self-distillation x {model.self_weight} + SAM 2 ({Path(cfg.teacher).name}, "
-                f"{model.points_per_side ** 2} prompts) x {model.sam_weight}")
+                f"self-distillation x {model.self_weight} + correspondences of {teacher} x {model.sam_weight}")
     return run(cfg, config_yaml, method, datamodule, export=export, validate=bool(d.val_shards), headline=headline,
-               report=("J&F", "start_J&F", "probe_mIoU", "start_probe_mIoU"))
+               report=("J&F", "start_J&F", "probe_mIoU", "start_probe_mIoU", "teacher_click_IoU",
+                       "teacher_prompt_agreement"))
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.utilities import rank_zero_info
 from timm.models.eva import Eva
 from torch import Tensor, nn
 
@@ -46,11 +47,17 @@ from trainers.method import Method, as_config
 from trainers.optim import OptimConfig, param_groups_weight_decay
 
 __all__ = ["SpatialModelConfig", "SpatialOptimConfig", "SpatialAlignment", "token_alignment_loss",
-           "pairwise_cosine", "correspondence_loss", "grid_points", "sam_mask_logit_features", "block_tokens",
-           "load_sam2_teacher", "export_spatial_tower", "validation_metrics"]
+           "pairwise_cosine", "correspondence_loss", "grid_points", "sam_grid_masks", "sam_mask_logit_features",
+           "teacher_click_quality", "teacher_metrics", "mask_share_features", "block_tokens", "load_sam2_teacher",
+           "export_spatial_tower", "validation_metrics"]
 
 PE_MEAN, PE_STD = 0.5, 0.5
 """PE's pixel normalisation (the student's input); SAM 2 takes ImageNet's."""
+CORRESPONDENCE_TEACHERS = ("sam", "masks")
+PROMPT_AGREEMENT_WARNING = 0.8
+"""A teacher whose grid clicks' masks overlap more than this (mean IoU) is reported as hardly local (a choice)."""
+MAX_IDS = 256
+"""Object ids of uint8 masks (0 the background)."""
 
 
 @dataclass
@@ -64,6 +71,11 @@ class SpatialModelConfig:
     """Weight of the self-distillation loss (a choice: the paper's weights are not published)."""
     sam_weight: float = 1.0
     """Weight of the SAM 2.1 mask-logit correspondence loss (a choice, as self_weight)."""
+    correspondence_teacher: str = "sam"
+    """What the correspondence loss matches: "sam" (the method: SAM 2.1's mask logits) or "masks", a control that is
+    not the method: the training frames' ground-truth objects as a teacher that groups perfectly, each location's
+    feature its area share of every object and of the background (:func:`mask_share_features`). It tells a weak
+    teacher from a loss that does not help."""
     points_per_side: int = 8
     """SAM 2.1 is prompted with this many x this many single positive points on a regular grid (a choice: 64 masks
     at the nano's 128 px; use 16-32 at 1024 px)."""
@@ -78,6 +90,9 @@ class SpatialModelConfig:
     """Label propagation: softmax temperature of the affinities (DINO: 0.1)."""
 
     def __post_init__(self) -> None:
+        if self.correspondence_teacher not in CORRESPONDENCE_TEACHERS:
+            raise ValueError(f"model.correspondence_teacher must be one of {', '.join(CORRESPONDENCE_TEACHERS)}, got "
+                             f"{self.correspondence_teacher!r}")
         if self.teacher_layer < 1 or self.points_per_side < 1 or min(self.self_weight, self.sam_weight) < 0:
             raise ValueError(f"model.teacher_layer and model.points_per_side must be >= 1 and the weights >= 0; got "
                              f"{self.teacher_layer}, {self.points_per_side}, {self.self_weight}, {self.sam_weight}")
@@ -124,12 +139,11 @@ def grid_points(points_per_side: int, side: int) -> Tensor:
 
 
 @torch.no_grad()
-def sam_mask_logit_features(sam: SAM2, images: Tensor, points_per_side: int, grid: tuple[int, int]) -> Tensor:
-    """SAM 2's mask logits as dense features: (N, 3, H, W) images normalised with PE's 0.5 -> (N, h*w, P).
-
-    Each of the P grid points prompts one positive click; of the three candidate masks the one with the highest
-    predicted IoU is kept (a single click is ambiguous, so SAM's predictor asks for three). The low-resolution
-    logits, clamped to +-32 as SAM 2's image predictor returns them, are area-averaged to the student's grid."""
+def sam_grid_masks(sam: SAM2, images: Tensor, points_per_side: int) -> Tensor:
+    """SAM 2's answer to each click of a points_per_side x points_per_side grid: (N, 3, H, W) images normalised
+    with PE's 0.5 -> (N, P, 4h, 4w) low-resolution mask logits, clamped to +-32 as SAM 2's image predictor returns
+    them. Of the three candidate masks the one with the highest predicted IoU is kept (a single click is ambiguous,
+    so SAM's predictor asks for three)."""
     model = SAM2ImageModel(sam)
     side = model.image_size
     pixels = images.float() * PE_STD + PE_MEAN
@@ -144,9 +158,52 @@ def sam_mask_logit_features(sam: SAM2, images: Tensor, points_per_side: int, gri
     for n in range(len(images)):  # the decoder repeats one image's features over its P prompts
         masks, iou = model.decode(features.select(n), points, labels, multimask_output=True)  # (P, 3, 4h, 4w)
         best = masks.gather(1, iou.argmax(dim=1).view(-1, 1, 1, 1).expand(-1, 1, *masks.shape[-2:]))[:, 0]
-        best = best.clamp(-LOW_RES_LOGIT_CLAMP, LOW_RES_LOGIT_CLAMP)
-        out.append(F.adaptive_avg_pool2d(best, grid).flatten(1).T)  # (h*w, P)
+        out.append(best.clamp(-LOW_RES_LOGIT_CLAMP, LOW_RES_LOGIT_CLAMP))
     return torch.stack(out)
+
+
+def sam_mask_logit_features(sam: SAM2, images: Tensor, points_per_side: int, grid: tuple[int, int]) -> Tensor:
+    """SAM 2's mask logits as dense features: (N, 3, H, W) images normalised with PE's 0.5 -> (N, h*w, P), each
+    location's vector of the logits of the P grid clicks' masks (:func:`sam_grid_masks`), area-averaged to the
+    student's grid."""
+    return F.adaptive_avg_pool2d(sam_grid_masks(sam, images, points_per_side), grid).flatten(2).transpose(1, 2)
+
+
+def teacher_click_quality(logits: Tensor, points_per_side: int, ids: Tensor) -> tuple[float, list[float]]:
+    """How local a SAM teacher's masks are, on one image with ground truth: ``logits`` (P, h, w) of the grid's
+    clicks (:func:`sam_grid_masks`) and ``ids`` (H, W) its objects (0 background) -> the mean IoU between two
+    clicks' masks (near 1: the masks hardly depend on where SAM is clicked, so their correspondences carry no
+    locality) and, for each click that lands on an object, the IoU of its mask with that object."""
+    height, width = ids.shape
+    masks = F.interpolate(logits[None].float(), size=(height, width), mode="bilinear", align_corners=False)[0] > 0
+    flat = masks.flatten(1).float()
+    inter = flat @ flat.T
+    union = flat.sum(1)[:, None] + flat.sum(1)[None] - inter
+    pairs = torch.triu_indices(len(flat), len(flat), 1, device=flat.device)
+    agreement = (inter / union.clamp(min=1))[pairs[0], pairs[1]].mean() if len(flat) > 1 else flat.new_ones(())
+    points = grid_points(points_per_side, 1)  # in [0, 1]: the same clicks at the masks' size
+    rows, cols = (points[:, 1] * height).long(), (points[:, 0] * width).long()
+    clicked = ids[rows, cols]
+    ious = []
+    for prompt in clicked.nonzero().flatten().tolist():
+        target = ids == clicked[prompt]
+        ious.append(float((masks[prompt] & target).sum() / (masks[prompt] | target).sum()))
+    return float(agreement), ious
+
+
+def mask_share_features(masks: Tensor, grid: tuple[int, int]) -> Tensor:
+    """Ground-truth grouping as dense features: (N, H, W) integer ids (0 background) -> (N, h*w, 256), each grid
+    cell's area share of every id. Cells of one object are identical, cells of two objects orthogonal; absent ids
+    are zero columns, which no cosine sees. Counted by scatter, so the number of objects is never read on the
+    host."""
+    n, height, width = masks.shape
+    rows = torch.arange(height, device=masks.device) * grid[0] // height
+    cols = torch.arange(width, device=masks.device) * grid[1] // width
+    cell = (rows[:, None] * grid[1] + cols[None, :]).flatten()  # (H*W,) the grid cell of each pixel
+    index = (cell * MAX_IDS).expand(n, -1) + masks.flatten(1).long()
+    counts = torch.zeros(n, grid[0] * grid[1] * MAX_IDS, device=masks.device)
+    counts.scatter_add_(1, index, torch.ones_like(index, dtype=counts.dtype))
+    return counts.view(n, grid[0] * grid[1], MAX_IDS) * (grid[0] * grid[1] / (height * width))
 
 
 def block_tokens(trunk: Eva, images: Tensor, layer: int) -> Tensor:
@@ -209,6 +266,8 @@ class SpatialAlignment(Method):
         if cfg.teacher_layer >= depth:
             raise ValueError(f"model.teacher_layer {cfg.teacher_layer} must be an intermediate block of {cfg.name}'s "
                              f"{depth}: set --model.teacher_layer to 1..{depth - 1}")
+        if cfg.correspondence_teacher == "masks":
+            self.batch_keys = ("frames", "frame_masks")
         self.architecture, self.image_size = clip.cfg.vision, image_size
         self.flops_per_sample = (3 + cfg.teacher_layer / depth) * vision_complexity(
             clip.cfg, clip.visual.trunk, image_size).flops  # student forward + backward, teacher layers; not SAM 2
@@ -251,8 +310,7 @@ class SpatialAlignment(Method):
         loss = student.new_zeros(())
         with torch.no_grad():
             target = block_tokens(self.start, images, cfg.teacher_layer) if cfg.self_weight else None
-            masks = sam_mask_logit_features(self._sam_on(images.device), images, cfg.points_per_side,
-                                            self.grid(images)) if cfg.sam_weight else None
+            masks = self.correspondence_target(batch, images) if cfg.sam_weight else None
         if target is not None:
             self._self_loss = token_alignment_loss(student, target)
             loss = loss + cfg.self_weight * self._self_loss
@@ -260,6 +318,14 @@ class SpatialAlignment(Method):
             self._sam_loss = correspondence_loss(student, masks)
             loss = loss + cfg.sam_weight * self._sam_loss
         return loss
+
+    def correspondence_target(self, batch, images: Tensor) -> Tensor:
+        """(N, h*w, P) features whose token similarities the student's are matched to: SAM 2's mask logits, or the
+        ground-truth control."""
+        if self.model_cfg.correspondence_teacher == "masks":
+            return mask_share_features(batch["frame_masks"].flatten(0, 1), self.grid(images))
+        return sam_mask_logit_features(self._sam_on(images.device), images, self.model_cfg.points_per_side,
+                                       self.grid(images))
 
     def _sam_on(self, device: torch.device) -> SAM2:
         """The SAM 2 teacher on ``device`` (it is not a submodule, so Lightning does not move it)."""
@@ -292,7 +358,16 @@ class SpatialAlignment(Method):
                 features = self.dense_features(tower, batch["frames"][b])
                 record[prefix + "scores"] = self.propagation_scores(features, masks, valid)
                 record[prefix + "features"] = features.cpu()
+            if self._start_metrics is None and self.teaches_with_sam:  # the teacher never changes either
+                points = self.model_cfg.points_per_side
+                logits = sam_grid_masks(self._sam_on(masks.device), batch["frames"][b][:1], points)[0]
+                record["teacher_agreement"], record["teacher_click_ious"] = teacher_click_quality(logits, points,
+                                                                                                  masks[0])
             self._val.append(record)
+
+    @property
+    def teaches_with_sam(self) -> bool:
+        return self.model_cfg.correspondence_teacher == "sam" and self.model_cfg.sam_weight > 0
 
     def propagation_scores(self, features: Tensor, masks: Tensor, valid: Tensor):
         """J and F (evaluation.vos, DAVIS protocol) of the first frame's objects propagated through the video."""
@@ -310,13 +385,28 @@ class SpatialAlignment(Method):
         records, self._val = gather_objects(self._val), []
         if not records:
             return
-        start = self._start_metrics if self._start_metrics is not None else validation_metrics(records, "start_")
+        start = self._start_metrics
+        if start is None:
+            start = validation_metrics(records, "start_") | teacher_metrics(records)
         trainer = self.attached_trainer()
         if trainer is None or not trainer.sanity_checking:  # the starting tower never changes: measure it once
+            if self._start_metrics is None:
+                self.report_teacher(start)
             self._start_metrics = start
         metrics = validation_metrics(records, "") | start
         for name, value in metrics.items():  # every rank holds the same gathered numbers
             self.log(f"val/{name}", value, prog_bar=name == "J&F")
+
+    def report_teacher(self, metrics: dict[str, float]) -> None:
+        """On the console, a teacher whose masks hardly depend on the click: its correspondences can only teach
+        foreground against background, which the probe rewards and tracking does not."""
+        if metrics.get("teacher_prompt_agreement", 0.0) > 100 * PROMPT_AGREEMENT_WARNING:
+            points = self.model_cfg.points_per_side
+            rank_zero_info(f"\nThe SAM 2 teacher's masks hardly depend on where it is clicked: two of its {points} x "
+                           f"{points} grid clicks' masks overlap by {metrics['teacher_prompt_agreement']:.0f}% IoU on "
+                           f"average, and a click's mask covers the object clicked by "
+                           f"{metrics['teacher_click_IoU']:.0f}% IoU. Its correspondences carry little locality; a "
+                           "stronger teacher (an official SAM 2.1, or a longer sam2_train run) is what they need.")
 
     # -- export --------------------------------------------------------------------------------------------------
     def export(self, out_dir: Path, **metadata) -> dict[str, Path]:
@@ -340,6 +430,17 @@ def export_spatial_tower(tower: Eva, architecture: str, image_size: int, out_dir
     model_args = {"depth": len(tower.blocks), "init_values": None, "ref_feat_shape": [grid, grid]}
     return save_timm_tower(tower, state, out_dir, architecture, image_size, model_args,
                            {"source": "PE spatial alignment", **metadata})
+
+
+def teacher_metrics(records: list[dict]) -> dict[str, float]:
+    """The SAM teacher's locality on the validation videos' first frames (:func:`teacher_click_quality`): the mean
+    IoU between two grid clicks' masks and the mean IoU of a click's mask with the object clicked, in percent."""
+    agreement = [r["teacher_agreement"] for r in records if "teacher_agreement" in r]
+    if not agreement:
+        return {}
+    ious = [v for r in records for v in r["teacher_click_ious"]]
+    return {"teacher_prompt_agreement": 100 * float(np.mean(agreement)),
+            "teacher_click_IoU": 100 * float(np.mean(ious)) if ious else float("nan")}
 
 
 def validation_metrics(records: list[dict], prefix: str) -> dict[str, float]:

@@ -638,8 +638,10 @@ class SAM2Training(Method):
             else:
                 pred = track_video(self.model, frames, gt[0], output_device="cpu") > 0
                 self._val.append(self._score_video(key, gt.cpu(), pred, batch["frame_valid"][b].cpu()))
-            if self.vos_examples is None:
-                self.vos_examples = (frames.float().cpu(), _id_map(gt.cpu()), _id_map(pred.cpu()), key)
+            if self.vos_examples is None:  # the frames scored: an image-mode model on a video scores its first
+                scored = len(pred)
+                self.vos_examples = (frames[:scored].float().cpu(), _id_map(gt[:scored].cpu()), _id_map(pred.cpu()),
+                                     key)
 
     def _score_video(self, key: str, gt: Tensor, pred: Tensor, valid: Tensor) -> dict:
         """J and F per object (evaluation.vos, DAVIS protocol) and the Boundary IoU of each scored (object, frame)."""

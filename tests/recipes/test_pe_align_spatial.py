@@ -22,7 +22,7 @@ pytestmark = pytest.mark.slow
 TINY = ["--data.batch_size", "2", "--data.num_workers", "1", "--data.val_batches", "4", "--trainer.accelerator",
         "cpu", "--trainer.log_every_n_steps", "1", "--optim.warmup_steps", "1", "--trainer.cpu_threads", "1",
         "--model.points_per_side", "2"]
-REPORTED = ("J&F", "start_J&F", "probe_mIoU", "start_probe_mIoU")
+REPORTED = ("J&F", "start_J&F", "probe_mIoU", "start_probe_mIoU", "teacher_prompt_agreement")
 
 
 @pytest.fixture(scope="module")
@@ -44,6 +44,7 @@ def test_align_validate_and_export(run_recipe, sources, tmp_path):
                       *TINY)
     out = dict(re.findall(r"^  (\S+)\s+(\S+)$", proc.stdout, flags=re.M))
     assert all(0 <= float(out[name]) <= 100 for name in REPORTED), proc.stdout[-2000:]
+    assert "teacher_click_IoU" in out  # NaN where no grid click landed on an object
     with open(run_dir / "csv" / "metrics.csv") as f:
         rows = list(csv.DictReader(f))
     validated = [r for r in rows if r.get("val/J&F")]

@@ -11,8 +11,9 @@ import torch
 import models
 from models.sam.image_predictor import SAM2ImagePredictor
 from tests.models.test_sam2_model import sam2_nano_checkpoint
-from trainers.pe_spatial import (SpatialAlignment, block_tokens, correspondence_loss, grid_points, load_sam2_teacher,
-                                 pairwise_cosine, sam_mask_logit_features, spatial_trunk, token_alignment_loss)
+from trainers.pe_spatial import (SpatialAlignment, SpatialModelConfig, block_tokens, correspondence_loss, grid_points,
+                                 load_sam2_teacher, mask_share_features, pairwise_cosine, sam_mask_logit_features,
+                                 spatial_trunk, teacher_click_quality, token_alignment_loss)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -52,6 +53,42 @@ def test_correspondence_loss_ignores_what_the_similarities_ignore():
     base = correspondence_loss(student, teacher)
     assert correspondence_loss(student @ rotation, teacher * scale).item() == pytest.approx(base.item(), abs=1e-6)
     assert correspondence_loss(teacher, teacher).item() == pytest.approx(-1.0)
+
+
+def test_mask_share_features_by_hand():
+    masks = torch.zeros(1, 4, 4, dtype=torch.uint8)
+    masks[0, 0, :3] = 7  # the first three pixels of the top row
+    masks[0, 2:, 2:] = 255  # the bottom-right cell is all object 255
+    shares = mask_share_features(masks, (2, 2))
+    assert shares.shape == (1, 4, 256)
+    expected = torch.zeros(4, 256)
+    expected[0, 0], expected[0, 7] = 0.5, 0.5  # cell (0, 0): pixels (0, 0), (0, 1) are 7; (1, 0), (1, 1) background
+    expected[1, 0], expected[1, 7] = 0.75, 0.25  # cell (0, 1): pixel (0, 2) is 7
+    expected[2, 0] = 1.0
+    expected[3, 255] = 1.0
+    assert torch.equal(shares[0], expected)
+    similarity = pairwise_cosine(mask_share_features(torch.tensor([[[1, 1], [2, 0]]]), (2, 2)))[0]
+    assert similarity[0, 1] == 1 and similarity[0, 2] == 0 and similarity[2, 3] == 0  # one object, two, object-bg
+
+
+def test_teacher_click_quality_by_hand():
+    ids = torch.zeros(8, 8, dtype=torch.long)
+    ids[:4, :4] = 3  # the 2 x 2 grid's clicks land at pixels (2, 2), (2, 6), (6, 2), (6, 6): one on object 3
+    logits = torch.full((4, 8, 8), -5.0)
+    logits[0, :4, :4] = 5.0  # the click on the object gets exactly its mask
+    logits[1:, :, :] = 5.0  # the others cover the whole image
+    agreement, ious = teacher_click_quality(logits, 2, ids)
+    # IoU(object, image) = 16 / 64 three times, IoU(image, image) = 1 three times
+    assert agreement == pytest.approx((3 * 0.25 + 3 * 1.0) / 6)
+    assert ious == [1.0]
+    half = torch.full((4, 4, 4), -5.0)
+    half[0, :2, :2] = 5.0  # low-resolution logits are upsampled to the masks' size: the same object at 4 x 4
+    assert teacher_click_quality(half, 2, ids)[1] == [1.0]
+
+
+def test_an_unknown_correspondence_teacher_is_refused():
+    with pytest.raises(ValueError, match="correspondence_teacher must be one of sam, masks"):
+        SpatialModelConfig(correspondence_teacher="dino")
 
 
 def test_grid_points():
@@ -125,3 +162,19 @@ def test_step_trains_the_student_only(teacher_file, tmp_path):
     assert torch.isfinite(loss) and torch.allclose(loss.detach(), expected)
     assert all(p.grad is not None for p in method.model.blocks.parameters())
     assert all(p.grad is None for p in [*method.start.parameters(), *method.sam.parameters()])
+
+
+def test_the_ground_truth_control_matches_the_masks_not_sam(teacher_file):
+    method = SpatialAlignment({"name": "pe_core_nano", "correspondence_teacher": "masks"}, None, 1e-4, 10,
+                              str(teacher_file), 64)
+    assert method.batch_keys == ("frames", "frame_masks")
+    frames, masks = torch.randn(1, 2, 3, 64, 64), torch.zeros(1, 2, 64, 64, dtype=torch.uint8)
+    masks[:, :, 8:40, 16:48] = 1
+    method.train()
+    method.compute_loss({"frames": frames, "frame_masks": masks})
+    student = method.model.forward_features(frames.flatten(0, 1))[:, 1:]
+    grid = (64 // method.model.patch_embed.patch_size[0],) * 2
+    expected = correspondence_loss(student, mask_share_features(masks.flatten(0, 1), grid))
+    assert torch.allclose(method._sam_loss.detach(), expected.detach(), atol=1e-6)
+    with_sam = correspondence_loss(student, sam_mask_logit_features(method.sam, frames.flatten(0, 1), 8, grid))
+    assert not torch.allclose(with_sam, expected, atol=1e-3)  # a different teacher would have given another loss

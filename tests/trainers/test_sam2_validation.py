@@ -2,6 +2,8 @@
 1 and 5 clicks (each at the centre of the largest error, the previous best logits fed back, one mask after the first
 click) and after the exact box; and 1-frame clips validated as images while videos of the same run are tracked."""
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -12,7 +14,7 @@ from evaluation.boundary import boundary_iou
 from models.sam.sam import official_sam_state
 from tests.models.test_sam_model import reference_nano
 from tests.trainers.test_sam2_method import clip_batch
-from trainers.sam2 import SAM2Training
+from trainers.sam2 import SAM2Training, VOSPanelLogger
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -84,3 +86,19 @@ def test_video_mode_scores_one_frame_clips_as_images_and_longer_clips_as_videos(
     image, video = module._val
     assert {"1_click", "5_clicks", "box", "boundary_iou"} == set(image) and len(image["5_clicks"]) == 2
     assert "scores" in video and video["key"] == "1/0"
+
+
+def test_an_image_mode_model_on_a_video_shows_the_frame_it_scored(tmp_path):
+    torch.manual_seed(0)
+    module = SAM2Training({"name": "sam_vit_nano", "mode": "image"}).eval()
+    module.on_validation_epoch_start()
+    with torch.no_grad():
+        module.validation_step(clip_batch(1, frames=4, objects=(2,), side=SAM_SIDE), 0)
+    (record,) = module._val
+    assert len(record["1_click"]) == 2  # the video's first frame, scored as an image
+    frames, gt_ids, pred_ids, _ = module.vos_examples
+    assert len(frames) == len(gt_ids) == len(pred_ids) == 1
+    trainer = SimpleNamespace(is_global_zero=True, sanity_checking=False, global_step=7, loggers=[])
+    panel = VOSPanelLogger(tmp_path)
+    panel.on_validation_end(trainer, module)  # a 4-frame video with a 1-frame prediction used to fail here
+    assert panel.last_path == tmp_path / "vos-step000007.png" and panel.last_path.exists()
