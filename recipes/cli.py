@@ -5,11 +5,15 @@
 """
 
 import logging
+import os
 import sys
+from collections.abc import Callable
 from dataclasses import fields
 from typing import TypeVar
 
 from jsonargparse import ActionConfigFile, ArgumentParser, set_parsing_settings
+
+from trainers.run import compute_started
 
 set_parsing_settings(docstring_parse_attribute_docstrings=True)
 
@@ -30,10 +34,7 @@ def parse_config(config_cls: type[C], argv: list[str] | None = None, prog: str |
     A value rejected by a config's own validation exits like any other bad flag: usage, then the
     reason, with status 2.
     """
-    main_spec = getattr(sys.modules["__main__"], "__spec__", None)
-    if prog is None and main_spec is not None:
-        prog = f"python -m {main_spec.name}"
-    parser = build_parser(config_cls, prog=prog, description=description)
+    parser = build_parser(config_cls, prog=prog or _prog(), description=description)
     namespace = parser.parse_args(argv)
     _show_project_logs()
     try:
@@ -43,6 +44,26 @@ def parse_config(config_cls: type[C], argv: list[str] | None = None, prog: str |
         parser.error(str(err))
     namespace.pop("config", None)
     return config, parser.dump(namespace)
+
+
+def run_command(main: Callable, config_cls: type, description: str | None, *, with_yaml: bool = True):
+    """``python -m recipes.<name>``: parse the command line into ``config_cls`` and call ``main(config, yaml)`` (or
+    ``main(config)``). Bad input found before compute (a missing run, a file of the wrong kind) ends with one line,
+    ``<prog>: error: <reason>``, and status 2, as a bad flag does; an error once compute has begun
+    (``trainers.run.compute_begins``), or any error with PRISM_TRACEBACK=1, keeps its traceback."""
+    config, config_yaml = parse_config(config_cls, description=description)
+    try:
+        return main(config, config_yaml) if with_yaml else main(config)
+    except (ValueError, FileNotFoundError) as err:
+        if compute_started() or os.environ.get("PRISM_TRACEBACK"):
+            raise
+        sys.stderr.write(f"{_prog()}: error: {err}\n(PRISM_TRACEBACK=1 shows where it was raised)\n")
+        raise SystemExit(2) from None
+
+
+def _prog() -> str | None:
+    main_spec = getattr(sys.modules["__main__"], "__spec__", None)
+    return f"python -m {main_spec.name}" if main_spec is not None else None
 
 
 def _show_project_logs() -> None:

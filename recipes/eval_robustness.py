@@ -24,9 +24,9 @@ from datamodules.classification import EvalDataConfig, prepare_eval_data
 from datamodules.image_sets import load_image_set
 from evaluation.corruptions import SEVERITIES, get_corruption, parse_names
 from evaluation.robustness import RobustnessResult, evaluate_robustness
-from recipes.cli import parse_config
+from recipes.cli import run_command
 from trainers.eval_model import EvalModelConfig, load_eval_model
-from trainers.run import save_config
+from trainers.run import compute_begins, save_config
 
 
 @dataclass
@@ -65,6 +65,7 @@ def main(cfg: Config, config_yaml: str = "") -> RobustnessResult:
     workers = model.corruption_workers(cfg.data.num_workers)
     print(f"Evaluating {cfg.init_from} on {len(images)} images at {cfg.data.image_size}px: {len(names)} corruptions "
           f"x severities {cfg.severities} (model on {model.device}, {workers} corruption worker processes)")
+    compute_begins()
     started = time.perf_counter()
     result = evaluate_robustness(model.classify, images.images, images.labels, names, cfg.severities,
                                  seed=cfg.seed, batch_size=cfg.model.batch_size, workers=workers)
@@ -83,4 +84,4 @@ def main(cfg: Config, config_yaml: str = "") -> RobustnessResult:
 
 
 if __name__ == "__main__":
-    main(*parse_config(Config, description=__doc__))
+    run_command(main, Config, __doc__)

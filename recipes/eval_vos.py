@@ -18,8 +18,9 @@ from datamodules.video_segmentation import VideoSegmentationDataConfig, check_vi
 from evaluation.vos import DatasetScores, evaluate_video, frame_names, load_masks_from_pngs
 from models.sam.sam2 import SAM2
 from models.sam.video_predictor import jpeg_frame_paths, save_vos_pngs, segment_video
-from recipes.cli import parse_config
+from recipes.cli import run_command
 from trainers.eval_model import load_sam_model
+from trainers.run import compute_begins
 
 
 @dataclass
@@ -67,6 +68,7 @@ def main(cfg: Config) -> DatasetScores:
     if not isinstance(model, SAM2):
         raise ValueError(f"{cfg.init_from} holds a SAM, an image model: VOS needs a SAM 2 (sam2*_hiera_*)")
     model = model.to("cuda" if torch.cuda.is_available() else "cpu").eval()
+    compute_begins()
     for name in tqdm(names, desc="videos"):
         stems, annotated = [p.stem for p in jpeg_frame_paths(videos / name)], frame_names(truth / name)
         gt, idx = load_masks_from_pngs(truth / name, annotated), [stems.index(s) for s in annotated]
@@ -85,4 +87,4 @@ def main(cfg: Config) -> DatasetScores:
 
 
 if __name__ == "__main__":
-    main(parse_config(Config, description=__doc__)[0])
+    run_command(main, Config, __doc__, with_yaml=False)

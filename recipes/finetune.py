@@ -19,7 +19,7 @@ from datamodules import IMAGENET_MEAN, IMAGENET_STD
 from datamodules.classification import ClassificationDataConfig, prepare_data
 from datamodules.sharded import ShardedDataModule
 from datamodules.transforms import eval_transform, finetune_train_transform
-from recipes.cli import parse_config
+from recipes.cli import run_command
 from trainers.build import LoggingConfig, TrainerConfig
 from trainers.classification import (AugmentConfig, ClassifierConfig, EMAConfig, FinetuneOptimConfig,
                                      ImageClassification, classifier_kwargs)
@@ -86,4 +86,4 @@ def main(cfg: Config, config_yaml: str = "") -> dict:
 
 
 if __name__ == "__main__":
-    main(*parse_config(Config, description=__doc__))
+    run_command(main, Config, __doc__)

@@ -18,7 +18,7 @@ import models
 from datamodules import IMAGENET_MEAN, IMAGENET_STD
 from datamodules.sharded import DataConfig, ShardedDataModule, resolve_shards
 from datamodules.transforms import eval_transform, mae_train_transform
-from recipes.cli import parse_config
+from recipes.cli import run_command
 from trainers.build import LoggingConfig, TrainerConfig
 from trainers.callbacks import ImagePanelLogger
 from trainers.export import export_vit_encoder
@@ -71,4 +71,4 @@ def main(cfg: Config, config_yaml: str = "") -> dict:
 
 
 if __name__ == "__main__":
-    main(*parse_config(Config, description=__doc__))
+    run_command(main, Config, __doc__)

@@ -23,7 +23,7 @@ from recipes import linear_probe as probe_recipe
 from recipes import mae_prepretrain as mae_recipe
 from recipes import pe_pretrain as lit_recipe
 from recipes import swag_pretrain as swag_recipe
-from recipes.cli import parse_config
+from recipes.cli import run_command
 from trainers.build import LoggingConfig
 from trainers.pipeline import Cluster, Stage, run_pipeline
 
@@ -162,4 +162,4 @@ def main(cfg: Config, config_yaml: str = "") -> dict[str, dict]:
 
 
 if __name__ == "__main__":
-    main(*parse_config(Config, description=__doc__))
+    run_command(main, Config, __doc__)

@@ -29,9 +29,9 @@ from evaluation.corruptions import parse_names
 from evaluation.msd import (CorruptionDistribution, augmentation_policy, distance_of_means,
                             minimal_sample_distance, transform_features)
 from evaluation.robustness import RobustnessResult, evaluate_robustness
-from recipes.cli import parse_config
+from recipes.cli import run_command
 from trainers.eval_model import EvalModelConfig, load_eval_model
-from trainers.run import save_config
+from trainers.run import compute_begins, save_config
 
 
 @dataclass
@@ -80,6 +80,7 @@ def main(cfg: Config, config_yaml: str = "") -> dict:
                             partial(load_image_set, train_shards, cfg.data.image_size, desc="head-fitting images"))
     fixed = load_image_set(train_shards, cfg.data.image_size, cfg.images, desc="the fixed image set").images
     rng = np.random.default_rng(cfg.seed)
+    compute_begins()
     started = time.perf_counter()
 
     with tqdm(total=cfg.augmentation_samples + cfg.corruption_samples * len(names), desc="transform features") as bar:
@@ -171,4 +172,4 @@ def _plot(table: dict, augmentation: str, path: Path) -> None:
 
 
 if __name__ == "__main__":
-    main(*parse_config(Config, description=__doc__))
+    run_command(main, Config, __doc__)

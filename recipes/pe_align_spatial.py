@@ -18,7 +18,7 @@ from pathlib import Path
 import models
 from datamodules.captions import PE_MEAN, PE_STD
 from datamodules.video_segmentation import VideoSegmentationDataConfig, VideoSegmentationDataModule, check_video_shards
-from recipes.cli import parse_config
+from recipes.cli import run_command
 from trainers.build import LoggingConfig, TrainerConfig
 from trainers.checkpoint import find_resume_checkpoint
 from trainers.eval_model import source_model_section
@@ -97,4 +97,4 @@ def main(cfg: Config, config_yaml: str = "") -> dict:
 
 
 if __name__ == "__main__":
-    main(*parse_config(Config, description=__doc__))
+    run_command(main, Config, __doc__)

@@ -21,7 +21,7 @@ from datamodules.captions import (PE_MEAN, PE_STD, CaptionDataConfig, Resolution
 from datamodules.synthetic import CAPTION_TEMPLATES
 from datamodules.text import CaptionTokenizer
 from evaluation.zero_shot import DEFAULT_TEMPLATES
-from recipes.cli import parse_config
+from recipes.cli import run_command
 from trainers.build import LoggingConfig, TrainerConfig
 from trainers.callbacks import RetrievalPanelLogger
 from trainers.contrastive import ContrastiveModelConfig, ContrastiveOptimConfig, ContrastivePretraining
@@ -91,4 +91,4 @@ def main(cfg: Config, config_yaml: str = "") -> dict:
 
 
 if __name__ == "__main__":
-    main(*parse_config(Config, description=__doc__))
+    run_command(main, Config, __doc__)

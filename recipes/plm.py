@@ -23,7 +23,7 @@ from datamodules.synthetic_conversations import (IMAGE_TASKS, TASKS, VIDEO_TASKS
                                                  ensure_conversation_world)
 from recipes import pe_pretrain as pe_recipe
 from recipes import plm_train
-from recipes.cli import parse_config
+from recipes.cli import run_command
 from trainers.build import LoggingConfig
 from trainers.eval_model import PLM_STAGES
 from trainers.pipeline import Cluster, Stage, run_pipeline
@@ -132,4 +132,4 @@ def main(cfg: Config, config_yaml: str = "") -> dict[str, dict]:
 
 
 if __name__ == "__main__":
-    main(*parse_config(Config, description=__doc__))
+    run_command(main, Config, __doc__)

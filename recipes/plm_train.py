@@ -21,7 +21,7 @@ from datamodules.chat import load_tokenizer
 from datamodules.conversations import (ConversationDataConfig, ConversationDataModule, check_conversation_shards,
                                        ensure_tokenizer)
 from datamodules.synthetic_conversations import TASKS
-from recipes.cli import parse_config
+from recipes.cli import run_command
 from trainers.build import LoggingConfig, TrainerConfig
 from trainers.plm import AnswerTableLogger, PLMModelConfig, PLMOptimConfig, PLMTraining
 from trainers.run import Export, run
@@ -90,4 +90,4 @@ def main(cfg: Config, config_yaml: str = "") -> dict:
 
 
 if __name__ == "__main__":
-    main(*parse_config(Config, description=__doc__))
+    run_command(main, Config, __doc__)

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from datamodules.video_segmentation import VideoSegmentationDataConfig, VideoSegmentationDataModule, check_video_shards
-from recipes.cli import parse_config
+from recipes.cli import run_command
 from trainers.build import LoggingConfig, TrainerConfig
 from trainers.run import Export, run
 from trainers.sam2 import (
@@ -93,4 +93,4 @@ def main(cfg: Config, config_yaml: str = "") -> dict:
 
 
 if __name__ == "__main__":
-    main(*parse_config(Config, description=__doc__))
+    run_command(main, Config, __doc__)

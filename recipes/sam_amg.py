@@ -20,8 +20,9 @@ from evaluation.amg import AMGConfig, AutomaticMaskGenerator, render_overlay, wr
 from models.sam.image_predictor import SAM2ImagePredictor
 from models.sam.sam import ImagePredictor
 from models.sam.sam2 import SAM2
-from recipes.cli import parse_config
+from recipes.cli import run_command
 from trainers.eval_model import load_sam_model
+from trainers.run import compute_begins
 
 SUFFIXES = (".jpg", ".jpeg", ".png")
 
@@ -78,6 +79,7 @@ def main(cfg: Config) -> dict:
         raise ValueError(f"--output {out} is the images folder: the overlays would overwrite its .png images")
     model = load_sam_model(cfg.init_from, cfg.model).to("cuda" if torch.cuda.is_available() else "cpu").eval()
     generator, images = mask_generator(cfg, model), []
+    compute_begins()
     out.mkdir(parents=True, exist_ok=True)
 
     def segmented():  # one image at a time: masks.json is streamed, not held
@@ -96,4 +98,4 @@ def main(cfg: Config) -> dict:
 
 
 if __name__ == "__main__":
-    main(parse_config(Config, description=__doc__)[0])
+    run_command(main, Config, __doc__, with_yaml=False)

@@ -18,7 +18,7 @@ import models
 from datamodules.hashtags import (VOCABULARY_FILE, HashtagDataConfig, ensure_vocabulary, hashtag_datamodule,
                                   zero_shot_class_map)
 from datamodules.sharded import resolve_shards
-from recipes.cli import parse_config
+from recipes.cli import run_command
 from trainers.build import LoggingConfig, TrainerConfig
 from trainers.run import Export, run
 from trainers.weakly_supervised import WeaklySupervisedPretraining, WSPModelConfig, WSPOptimConfig, export_trunk
@@ -86,4 +86,4 @@ def main(cfg: Config, config_yaml: str = "") -> dict:
 
 
 if __name__ == "__main__":
-    main(*parse_config(Config, description=__doc__))
+    run_command(main, Config, __doc__)

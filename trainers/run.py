@@ -31,6 +31,21 @@ from trainers.preemption import PreemptionHandler
 from trainers.threads import configure_cpu_threads
 
 
+_compute_started = False
+
+
+def compute_begins() -> None:
+    """Marks the end of a command's input checks: an error raised before it is bad input, which the recipes' entry
+    point (``recipes.cli.run_command``) reports in one line; one raised after it is a failure, shown with its
+    traceback."""
+    global _compute_started
+    _compute_started = True
+
+
+def compute_started() -> bool:
+    return _compute_started
+
+
 @dataclass
 class Export:
     """What ``export`` gets after a finished fit: where to write, the step reached, the final validation metrics."""
@@ -73,6 +88,7 @@ def run(cfg, config_yaml: str, method: Callable[[float], Method], datamodule: L.
         rank_zero_info("\n  ".join(module.init_from(cfg.init_from)))
     elif resume is None and getattr(module, "warn_without_init", None):
         rank_zero_warn(module.warn_without_init)
+    compute_begins()
     trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume) if resume else None)
 
     outcome = fit_outcome(trainer)

@@ -1,14 +1,16 @@
 """The recipe command line: the documented interface, config files, and clear errors before compute."""
 
 import importlib
+import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import torch
 
 import models
-
-from recipes.cli import parse_config
+import trainers.run
+from recipes.cli import parse_config, run_command
 from recipes.mae_prepretrain import Config, main
 
 INTERFACE = ["--run_dir", "--seed", "--trainer.max_steps", "--trainer.checkpoint_every_n_steps", "--trainer.devices",
@@ -120,3 +122,54 @@ def test_wrong_shard_path_fails_before_training_naming_the_spec(tmp_path):
     with pytest.raises(ValueError, match="nowhere"):
         main(cfg)
     assert not (tmp_path / "r" / "checkpoints").exists()
+
+
+@dataclass
+class OneField:
+    size: int = 1
+    """A size."""
+
+
+@pytest.fixture
+def before_compute(monkeypatch):
+    """A fresh process's state: no compute yet, no PRISM_TRACEBACK, a command line without flags."""
+    monkeypatch.setattr(trainers.run, "_compute_started", False)
+    monkeypatch.delenv("PRISM_TRACEBACK", raising=False)
+    monkeypatch.setattr(sys, "argv", ["prog"])
+    return monkeypatch
+
+
+def refuse(cfg, config_yaml):
+    raise FileNotFoundError(f"--init_from nowhere (size {cfg.size}) does not exist: pass a run directory")
+
+
+def test_bad_input_before_compute_is_one_line_with_status_2(before_compute, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        run_command(refuse, OneField, None)
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert "error: --init_from nowhere (size 1) does not exist: pass a run directory" in err
+    assert "Traceback" not in err and "PRISM_TRACEBACK=1" in err
+
+
+def test_prism_traceback_keeps_the_traceback(before_compute):
+    before_compute.setenv("PRISM_TRACEBACK", "1")
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        run_command(refuse, OneField, None)
+
+
+def test_an_error_once_compute_began_is_a_failure_with_its_traceback(before_compute):
+    def fails_while_training(cfg):
+        trainers.run.compute_begins()
+        raise ValueError("a shape mismatch in step 7")
+
+    with pytest.raises(ValueError, match="step 7"):
+        run_command(fails_while_training, OneField, None, with_yaml=False)
+
+
+def test_a_recipe_reports_bad_input_without_a_traceback(run_recipe, tmp_path):
+    proc = run_recipe("recipes.pe_align_spatial", "--init_from", str(tmp_path / "missing"), "--teacher", "x.pt",
+                      check=False, timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    missing = tmp_path / "missing"
+    assert f"python -m recipes.pe_align_spatial: error: --init_from {missing} does not exist" in proc.stderr
