@@ -3,7 +3,7 @@ then the decoder's language warm-up, then PLM's three stages, each initialised f
 
     python -m recipes.plm                         # every stage on the synthetic world, minutes on a CPU
     python -m recipes.plm --help                  # the pipeline's settings, and every stage's under --stage1, ...
-    python -m recipes.plm --vision_from runs/pe_pretrain --lm.trainer.max_steps 0 ...   # skip stages you have
+    python -m recipes.plm --vision_from runs/pe_pretrain --skip '[lm]' ...   # skip stages you have
 
 Stages, in <run_dir>/<stage>: pe (recipes.pe_pretrain: PE-Core on image-caption pairs), lm (the decoder alone on the
 conversations' text: PLM starts from a trained Llama 3, which cannot be downloaded here), stage1 (projector only, on
@@ -57,6 +57,9 @@ class Config:
     steps: 12.5% with it and drop path, 26.6% with drop path alone, 37.5% with neither)."""
     drop_path_rate: float = 0.0
     """Stochastic depth of the tower from stage 2 on (PLM: 0.1); 0 at this size, for the same reason."""
+    skip: list[str] = field(default_factory=list)
+    """PLM stages not to run (of lm, stage1, stage2, stage3), e.g. [lm] when --stage1.init_from brings a trained
+    decoder; the next stage starts from the last one that ran (or from --vision_from / pe)."""
     trainer: Cluster = field(default_factory=Cluster)
     """The allocation every stage runs on."""
     logging: LoggingConfig = field(default_factory=LoggingConfig)
@@ -64,7 +67,8 @@ class Config:
     pe: pe_recipe.Config = field(default_factory=pe_recipe.Config)
     """PE-Core nano contrastive pretraining on the synthetic image-caption pairs."""
     lm: plm_train.Config = field(default_factory=lambda: _stage(["language"], 600, 1e-3, 50, text_only=True))
-    """The decoder alone on the conversations' text; 0 steps skips it (a Hugging Face PLM as --stage1.init_from)."""
+    """The decoder alone on the conversations' text (--skip '[lm]' where --stage1.init_from brings a trained
+    decoder: a Llama or a Hugging Face PLM directory)."""
     stage1: plm_train.Config = field(
         default_factory=lambda: _stage(["projector"], 300, 1e-3, 20, tasks=["image_caption"]))
     """Projector only, on captions (PLM: 8k steps at 1e-4, batch 512, one 448 px tile, 1024 tokens per tile)."""
@@ -77,6 +81,12 @@ class Config:
         max_length=2048))
     """Everything, more tiles and frames (PLM: 21k steps at 1e-5 (8B) / 4e-5, batch 1024, 36 tiles, 32 frames)."""
 
+    def __post_init__(self):
+        unknown = sorted(set(self.skip) - set(PLM_STAGES))
+        if unknown:
+            raise ValueError(f"--skip {unknown}: not a PLM stage; choose among {', '.join(PLM_STAGES)} (the pe stage is "
+                             "skipped by --vision_from)")
+
 
 def stages(cfg: Config) -> list[Stage]:
     """pe (unless --vision_from), then the PLM stages with a step budget, each from the one before; every stage with
@@ -87,7 +97,7 @@ def stages(cfg: Config) -> list[Stage]:
     tokenizer = None
     for name in PLM_STAGES:
         stage = copy.deepcopy(getattr(cfg, name))
-        if stage.trainer.max_steps == 0:
+        if name in cfg.skip:
             continue
         if "vision" in stage.model.train:
             stage.model = replace(stage.model, layer_scale_init=cfg.layer_scale_init, drop_path_rate=cfg.drop_path_rate)

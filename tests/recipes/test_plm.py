@@ -15,6 +15,8 @@ from datamodules.chat import BEGIN_OF_TEXT, END_HEADER, END_OF_TURN, IMAGE_TOKEN
 from datamodules.shard_writer import ShardWriter
 from models.plm import load_hf
 from recipes.cli import parse_config
+from recipes.plm import Config as PipelineConfig
+from recipes.plm import stages as pipeline_stages
 from recipes.plm_train import Config as PLMTrainConfig
 from trainers.handoff import load_state_dict
 from trainers.plm import PE_TRUNK
@@ -190,3 +192,19 @@ def test_the_recipe_takes_a_list_of_sources_on_the_command_line():
     cfg, _ = parse_config(PLMTrainConfig, ["--init_from", "[runs/pe, llama-3.2-1b]"])
     assert cfg.init_from == ["runs/pe", "llama-3.2-1b"]
     assert parse_config(PLMTrainConfig, ["--init_from", "runs/plm/stage1"])[0].init_from == "runs/plm/stage1"
+
+
+def test_the_pipeline_starts_stage_one_from_a_list_of_sources(tmp_path):
+    cfg, _ = parse_config(PipelineConfig, ["--run_dir", str(tmp_path / "plm"), "--skip", "[lm]",
+                                           "--stage1.init_from", "[pe_core_dir, llama_dir]"])
+    planned = {stage.name: stage for stage in pipeline_stages(cfg)}
+    assert list(planned) == ["pe", "stage1", "stage2", "stage3"]  # no lm warm-up: the Llama directory replaces it
+    assert planned["stage1"].config.init_from == ["pe_core_dir", "llama_dir"]
+    assert planned["stage2"].config.init_from == str(tmp_path / "plm" / "stage1")
+    assert "from ['pe_core_dir', 'llama_dir']" in planned["stage1"].about
+
+
+def test_an_unknown_stage_to_skip_is_refused(capsys):
+    with pytest.raises(SystemExit):
+        parse_config(PipelineConfig, ["--skip", "[stage4]"])
+    assert "--skip ['stage4']: not a PLM stage; choose among lm, stage1, stage2, stage3" in capsys.readouterr().err
