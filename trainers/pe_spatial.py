@@ -181,7 +181,7 @@ def teacher_click_quality(logits: Tensor, points_per_side: int, ids: Tensor) -> 
     union = flat.sum(1)[:, None] + flat.sum(1)[None] - inter
     pairs = torch.triu_indices(len(flat), len(flat), 1, device=flat.device)
     agreement = (inter / union.clamp(min=1))[pairs[0], pairs[1]].mean() if len(flat) > 1 else flat.new_ones(())
-    points = grid_points(points_per_side, 1)  # in [0, 1]: the same clicks at the masks' size
+    points = grid_points(points_per_side, 1).to(ids.device)  # in [0, 1]: the same clicks at the masks' size
     rows, cols = (points[:, 1] * height).long(), (points[:, 0] * width).long()
     clicked = ids[rows, cols]
     ious = []
