@@ -45,6 +45,7 @@ from trainers.checkpoint import save_timm_tower
 from trainers.handoff import load_into
 from trainers.method import Method, as_config
 from trainers.optim import OptimConfig, param_groups_weight_decay
+from trainers.sam_loss import mask_iou
 
 __all__ = ["SpatialModelConfig", "SpatialOptimConfig", "SpatialAlignment", "token_alignment_loss",
            "pairwise_cosine", "correspondence_loss", "grid_points", "sam_grid_masks", "sam_mask_logit_features",
@@ -175,8 +176,8 @@ def teacher_click_quality(logits: Tensor, points_per_side: int, ids: Tensor) -> 
     clicks' masks (near 1: the masks hardly depend on where SAM is clicked, so their correspondences carry no
     locality) and, for each click that lands on an object, the IoU of its mask with that object."""
     height, width = ids.shape
-    masks = F.interpolate(logits[None].float(), size=(height, width), mode="bilinear", align_corners=False)[0] > 0
-    flat = masks.flatten(1).float()
+    logits = F.interpolate(logits[None].float(), size=(height, width), mode="bilinear", align_corners=False)[0]
+    flat = (logits > 0).flatten(1).float()
     inter = flat @ flat.T
     union = flat.sum(1)[:, None] + flat.sum(1)[None] - inter
     pairs = torch.triu_indices(len(flat), len(flat), 1, device=flat.device)
@@ -184,11 +185,9 @@ def teacher_click_quality(logits: Tensor, points_per_side: int, ids: Tensor) -> 
     points = grid_points(points_per_side, 1).to(ids.device)  # in [0, 1]: the same clicks at the masks' size
     rows, cols = (points[:, 1] * height).long(), (points[:, 0] * width).long()
     clicked = ids[rows, cols]
-    ious = []
-    for prompt in clicked.nonzero().flatten().tolist():
-        target = ids == clicked[prompt]
-        ious.append(float((masks[prompt] & target).sum() / (masks[prompt] | target).sum()))
-    return float(agreement), ious
+    on_object = clicked.nonzero().flatten()
+    targets = ids[None] == clicked[on_object, None, None]  # (K, H, W): the object under each such click
+    return float(agreement), mask_iou(logits[on_object, None], targets[:, None]).flatten().tolist()
 
 
 def mask_share_features(masks: Tensor, grid: tuple[int, int]) -> Tensor:
