@@ -42,6 +42,7 @@ from datamodules.sharded import DataConfig, ShardedDataModule, resolve_shards
 from datamodules.shards import expand_shards
 from datamodules.streams import ShardReader, _worker_context
 from datamodules.transforms import mae_train_transform
+from trainers.run import compute_begins
 
 __all__ = ["datamodule_rate", "default_device", "format_loader_table", "loader_benchmark", "loader_report",
            "raw_decode_rate"]
@@ -286,6 +287,7 @@ def loader_report(cfg: Config, device: torch.device) -> tuple[dict, str]:
     data = DataConfig(train_shards=cfg.shards, batch_size=cfg.batch_size, image_size=cfg.image_size,
                       decode=cfg.decode)
     resolve_shards(data)
+    compute_begins()
     rows = loader_benchmark(data, mae_train_transform(cfg.image_size), cfg.worker_counts, cfg.steps)
     how = how_measured(device, shards=data.train_shards, transform="MAE training", image_size=cfg.image_size,
                        batch=cfg.batch_size, timed_batches=cfg.steps, decode=cfg.decode)

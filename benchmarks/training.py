@@ -44,6 +44,7 @@ from trainers.build import LoggingConfig, TrainerConfig, build_trainer, resolve_
 from trainers.callbacks import ImagePanelLogger, StepCheckpoint, ThroughputLogger
 from trainers.checkpoint import CHECKPOINT_DIR
 from trainers.random_state import seed_rank
+from trainers.run import compute_begins
 from trainers.sam2 import OBJECTS_KEY
 from trainers.threads import configure_cpu_threads
 
@@ -384,6 +385,7 @@ def training_benchmark(cfg: Config, run_dir: Path, device: torch.device) -> tupl
     threads = configure_cpu_threads(cfg.num_workers if cfg.data == "shards" else 0, 1)
     peak = matmul_peak(device)
     how = _how(setup, name, order, threads, cost)
+    compute_begins()  # the settings held: an error from here on is a failure, shown with its traceback
     runs = []
     for repeat, loop in order:
         if loop == "lightning":

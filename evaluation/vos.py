@@ -61,6 +61,22 @@ def region_similarity_torch(gt: torch.Tensor, pred: torch.Tensor) -> torch.Tenso
     return torch.where(union > 0, inter / union.clamp_min(1), torch.ones((), device=gt.device))
 
 
+def mean_pairwise_iou(masks: torch.Tensor) -> torch.Tensor:
+    """The mean IoU over every pair of P >= 2 (P, H, W) masks, a 0-d float tensor on their device (two empty masks:
+    1, as :func:`region_similarity_torch`). For the answers of a promptable model to different prompts on one image
+    it measures how little the answer depends on the prompt: masks of distinct objects score near 0, a model that
+    answers every prompt with the same mask scores 1."""
+    if masks.ndim != 3 or masks.shape[0] < 2:
+        raise ValueError(f"mean_pairwise_iou needs (P, H, W) masks with P >= 2; got {tuple(masks.shape)}")
+    flat = masks.bool().flatten(1).float()
+    inter = flat @ flat.T
+    area = flat.sum(1)
+    union = area[:, None] + area[None] - inter
+    iou = torch.where(union > 0, inter / union.clamp_min(1), torch.ones((), device=masks.device))
+    pairs = torch.triu_indices(len(flat), len(flat), 1, device=masks.device)
+    return iou[pairs[0], pairs[1]].mean()
+
+
 def disk(radius: float) -> np.ndarray:
     """Boolean disk footprint {(x, y) : x^2 + y^2 <= radius^2} on the integer grid |x|, |y| <= floor(radius).
 

@@ -26,7 +26,7 @@ import torch
 from benchmarks.config import Config
 from benchmarks.loader import loader_report
 from benchmarks.training import training_benchmark
-from recipes.cli import parse_config
+from recipes.cli import run_command
 
 
 def main(cfg: Config, config_yaml: str = "") -> dict:
@@ -43,4 +43,4 @@ def main(cfg: Config, config_yaml: str = "") -> dict:
 
 
 if __name__ == "__main__":
-    main(*parse_config(Config, description=__doc__))
+    run_command(main, Config, __doc__)

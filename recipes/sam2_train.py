@@ -9,8 +9,9 @@ correction clicks, tracked through the memory over 8-frame clips; and SAM's inte
 
 Validation tracks each validation video from its first frame's masks and reports J&F, J, F (DAVIS protocol) and
 Boundary IoU, with overlays in W&B; images (image mode, or 1-frame validation clips) get the mIoU after 1 and 5
-clicks and after the box, and the Boundary IoU after one click. The weights are exported in the official layout
-to <run_dir>/export (sam2's {"model": state}, or segment-anything's state dict)."""
+clicks and after the box, the Boundary IoU after one click, and the prompt agreement: the mean IoU between the
+one-click masks of an image's different objects (near 100: the model does not read its clicks). The weights are
+exported in the official layout to <run_dir>/export (sam2's {"model": state}, or segment-anything's state dict)."""
 
 import dataclasses
 from dataclasses import dataclass, field
@@ -86,7 +87,8 @@ def main(cfg: Config, config_yaml: str = "") -> dict:
 
     headline = (f"SAM training, {m.name} in {m.mode} mode @ {d.image_size}px, clips of {d.num_frames} frame(s) with "
                 f"up to {d.max_objects} objects" + (f", frozen: {', '.join(m.freeze)}" if m.freeze else ""))
-    report = ("J&F", "J", "F", "boundary_iou", "mIoU_1_click", "mIoU_5_clicks", "mIoU_box", "image_boundary_iou")
+    report = ("J&F", "J", "F", "boundary_iou", "mIoU_1_click", "mIoU_5_clicks", "mIoU_box", "image_boundary_iou",
+              "prompt_agreement_1_click")
     return run(dataclasses.replace(cfg, trainer=find_unused_parameters(cfg.trainer)), config_yaml, method,
                datamodule, export=export, callbacks=[panel], validate=bool(d.val_shards), headline=headline,
                report=report)

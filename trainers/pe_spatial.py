@@ -35,7 +35,7 @@ from torch import Tensor, nn
 import models
 from evaluation.label_propagation import propagate_segmentation
 from evaluation.segmentation_probe import fit_segmentation_probe, mean_iou, predict_segmentation
-from evaluation.vos import evaluate_video
+from evaluation.vos import evaluate_video, mean_pairwise_iou
 from models.pe import resample_pe_pos_embed, vision_complexity
 from models.sam.image_predictor import IMAGENET_MEAN, IMAGENET_STD, LOW_RES_LOGIT_CLAMP, SAM2ImageModel
 from models.sam.sam2 import SAM2
@@ -177,11 +177,7 @@ def teacher_click_quality(logits: Tensor, points_per_side: int, ids: Tensor) -> 
     locality) and, for each click that lands on an object, the IoU of its mask with that object."""
     height, width = ids.shape
     logits = F.interpolate(logits[None].float(), size=(height, width), mode="bilinear", align_corners=False)[0]
-    flat = (logits > 0).flatten(1).float()
-    inter = flat @ flat.T
-    union = flat.sum(1)[:, None] + flat.sum(1)[None] - inter
-    pairs = torch.triu_indices(len(flat), len(flat), 1, device=flat.device)
-    agreement = (inter / union.clamp(min=1))[pairs[0], pairs[1]].mean() if len(flat) > 1 else flat.new_ones(())
+    agreement = mean_pairwise_iou(logits > 0) if len(logits) > 1 else 1.0
     points = grid_points(points_per_side, 1).to(ids.device)  # in [0, 1]: the same clicks at the masks' size
     rows, cols = (points[:, 1] * height).long(), (points[:, 0] * width).long()
     clicked = ids[rows, cols]

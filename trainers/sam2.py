@@ -47,7 +47,7 @@ from torchvision.utils import make_grid, save_image
 import models
 from batch_contract import IMAGENET_MEAN, IMAGENET_STD
 from evaluation.boundary import boundary_iou
-from evaluation.vos import VideoScores, evaluate_video, region_similarity_torch
+from evaluation.vos import VideoScores, evaluate_video, mean_pairwise_iou, region_similarity_torch
 from models.sam.image_encoder import _official_key as official_encoder_key
 from models.sam.sam import SAM, official_sam_state
 from models.sam.sam import _official_encoder_key as official_sam_encoder_key
@@ -96,8 +96,10 @@ torch's. Channel norms of NCHW maps (LayerNorm2d, a class of its own in sam2) de
 CLICKS_SCORED = (1, 5)
 """Validation on images: the IoU after this many clicks (SAM 2's SA-23 figures are after 1 and 5)."""
 IMAGE_METRICS = {"1_click": "mIoU_1_click", "5_clicks": "mIoU_5_clicks", "box": "mIoU_box",
-                 "boundary_iou": "image_boundary_iou"}
-"""Validation on images: record entry -> logged name (val/...), each the mean over objects in percent."""
+                 "boundary_iou": "image_boundary_iou", "prompt_agreement": "prompt_agreement_1_click"}
+"""Validation on images: record entry -> logged name (val/...), in percent: each the mean over objects, except the
+prompt agreement, the mean over images of two or more objects (``evaluation.vos.mean_pairwise_iou`` of their
+one-click masks)."""
 
 # This module reads the objects per clip on the host before the batch moves (on_before_batch_transfer) while the
 # datamodule normalises frames after it; Lightning warns that the two hooks live in different objects.
@@ -658,7 +660,10 @@ class SAM2Training(Method):
         objects in ``gt`` (O, 1, S, S); and the (O, S, S) masks after one click. The clicks follow the protocol of
         SAM's point evaluation (Kirillov et al. 2023, §7.1 and appendix D.1): each at the centre of the largest
         error region, the first with three candidates of which the best-scored is kept, later ones with all the
-        clicks so far, the previous logits as the mask prompt and a single mask, as SAM trains (appendix A)."""
+        clicks so far, the previous logits as the mask prompt and a single mask, as SAM trains (appendix A). With two
+        or more objects, also how much the one-click masks of different objects agree (``prompt_agreement``): a SAM
+        trained from scratch can lower its loss by answering every click with the image's salient objects, one per
+        candidate mask, without reading the click."""
         predict = self._image_predictor(image[None], torch.zeros(gt.shape[0], dtype=torch.long, device=gt.device))
         out, clicks, masks_after = None, None, {}
         for n in range(1, CLICKS_SCORED[-1] + 1):
@@ -673,6 +678,8 @@ class SAM2Training(Method):
                   for n, pred in masks_after.items()}
         record |= {"box": region_similarity_torch(gt[:, 0], box.high_res[:, 0] > 0).tolist(),
                    "boundary_iou": boundary_iou(gt[:, 0], first).tolist()}
+        if len(first) > 1:  # the objects are disjoint: near 0 when the model reads its clicks
+            record["prompt_agreement"] = [mean_pairwise_iou(first).item()]
         return record, first.cpu()
 
     def on_validation_epoch_end(self) -> None:
@@ -680,7 +687,7 @@ class SAM2Training(Method):
         gathered = gather_objects(local)
         images = [record for record in gathered if "box" in record]
         for name in IMAGE_METRICS:  # every rank holds the same gathered numbers
-            values = [v for record in images for v in record[name]]
+            values = [v for record in images for v in record.get(name, ())]
             if values:
                 self.log(f"val/{IMAGE_METRICS[name]}", 100.0 * float(np.mean(values)), prog_bar=name == "1_click")
         videos = [record for record in gathered if "scores" in record]

@@ -239,6 +239,14 @@ def test_deepspeed_on_the_cpu_fails_with_build_trainers_error_before_anything_sl
     assert not (tmp_path / "benchmark.json").exists()
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="DeepSpeed runs where there is a GPU")
+def test_the_command_reports_a_setting_it_cannot_run_in_one_line(run_benchmark, tmp_path):
+    proc = run_benchmark("recipes.benchmark", "--strategy", "deepspeed_stage_2", "--run_dir", str(tmp_path),
+                         *TWO_STEPS, check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "python -m recipes.benchmark: error: trainer.strategy='deepspeed_stage_2' needs CUDA GPUs" in proc.stderr
+
+
 def test_strategy_and_decode_flags_are_checked_up_front(capsys):
     cfg, _ = parse_config(Config, ["--strategy", "deepspeed_stage_3_offload", "--plain", "false"])
     assert cfg.strategy == "deepspeed_stage_3_offload" and cfg.plain is False and cfg.decode == "host"

@@ -13,7 +13,7 @@ import torch
 
 from evaluation.vos import (PngVideoFolders, boundary_f_measure, boundary_precision_recall, boundary_radius, disk,
                             evaluate_dataset, evaluate_video, load_masks_from_pngs, region_similarity,
-                            region_similarity_torch, seg_to_boundary)
+                            mean_pairwise_iou, region_similarity_torch, seg_to_boundary)
 from evaluation.vos import _dilate
 
 
@@ -154,6 +154,17 @@ def test_region_similarity_torch_by_hand():
     gt = torch.from_numpy(np.stack([GT, GT, EMPTY, EMPTY]))
     pred = torch.from_numpy(np.stack([SHIFT1, SHIFT2, EMPTY, GT]))
     torch.testing.assert_close(region_similarity_torch(gt, pred), torch.tensor([0.6, 1 / 3, 1.0, 0.0]))
+
+
+def test_mean_pairwise_iou_by_hand():
+    masks = torch.zeros(4, 4, 4, dtype=torch.bool)
+    masks[0, :2, :2] = True  # 4 pixels
+    masks[1, :2, 1:3] = True  # 4 pixels, 2 shared with the first
+    # pairs: (0, 1) 2/6; (0, 2), (0, 3), (1, 2), (1, 3) 0; (2, 3) both empty: 1
+    assert mean_pairwise_iou(masks).item() == pytest.approx((2 / 6 + 1) / 6)
+    assert mean_pairwise_iou(masks[:1].expand(3, -1, -1)).item() == 1.0  # the same answer three times
+    with pytest.raises(ValueError, match="P >= 2"):
+        mean_pairwise_iou(masks[:1])
 
 
 @pytest.mark.gpu

@@ -130,9 +130,10 @@ def test_images_validate_with_clicks_and_a_box_in_video_mode(run_recipe, tmp_pat
     proc = run_recipe("recipes.sam2_train", "--run_dir", str(run_dir), *TINY, "--trainer.max_steps", "2",
                       "--trainer.val_every_n_steps", "2", "--data.val_shards", _image_shard(tmp_path))
     out = _summary(proc.stdout)
-    assert {"mIoU_1_click", "mIoU_5_clicks", "mIoU_box", "image_boundary_iou"} <= set(out) and "J&F" not in out
+    image_metrics = ("mIoU_1_click", "mIoU_5_clicks", "mIoU_box", "image_boundary_iou", "prompt_agreement_1_click")
+    assert set(image_metrics) <= set(out) and "J&F" not in out
     row = [r for r in _metrics(run_dir) if r.get("val/mIoU_5_clicks")][-1]
-    assert all(0 <= float(row[f"val/{name}"]) <= 100 for name in ("mIoU_1_click", "mIoU_5_clicks", "mIoU_box"))
+    assert all(0 <= float(row[f"val/{name}"]) <= 100 for name in image_metrics)
     assert list((run_dir / "wandb").glob("offline-run-*/files/media/images/val/vos_overlays_*.png"))
 
 

@@ -53,6 +53,8 @@ def reference_scores(ref, image: torch.Tensor, gt: torch.Tensor) -> dict:
     box, _ = their_box(gt, noise=0)
     scores["box"] = iou(gt, decode(boxes=box.flatten(1))[1])
     scores["boundary_iou"] = boundary_iou(gt[:, 0], first[:, 0]).tolist()
+    pairs = [(i, j) for i in range(len(gt)) for j in range(i + 1, len(gt))]
+    scores["prompt_agreement"] = [sum(iou(first[i], first[j])[0] for i, j in pairs) / len(pairs)]
     return scores
 
 
@@ -84,7 +86,8 @@ def test_video_mode_scores_one_frame_clips_as_images_and_longer_clips_as_videos(
         module.validation_step(clip_batch(1, frames=1, objects=(2,)), 0)
         module.validation_step(clip_batch(1, frames=4, objects=(1,)), 1)
     image, video = module._val
-    assert {"1_click", "5_clicks", "box", "boundary_iou"} == set(image) and len(image["5_clicks"]) == 2
+    assert {"1_click", "5_clicks", "box", "boundary_iou", "prompt_agreement"} == set(image)
+    assert len(image["5_clicks"]) == 2 and len(image["prompt_agreement"]) == 1
     assert "scores" in video and video["key"] == "1/0"
 
 
