@@ -61,6 +61,11 @@ def region_similarity_torch(gt: torch.Tensor, pred: torch.Tensor) -> torch.Tenso
     return torch.where(union > 0, inter / union.clamp_min(1), torch.ones((), device=gt.device))
 
 
+PROMPT_AGREEMENT_WARNING = 0.8
+"""Above this :func:`mean_pairwise_iou` between a model's answers to different prompts, the answers are reported as
+hardly depending on the prompt (a choice)."""
+
+
 def mean_pairwise_iou(masks: torch.Tensor) -> torch.Tensor:
     """The mean IoU over every pair of P >= 2 (P, H, W) masks, a 0-d float tensor on their device (two empty masks:
     1, as :func:`region_similarity_torch`). For the answers of a promptable model to different prompts on one image

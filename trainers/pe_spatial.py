@@ -35,7 +35,7 @@ from torch import Tensor, nn
 import models
 from evaluation.label_propagation import propagate_segmentation
 from evaluation.segmentation_probe import fit_segmentation_probe, mean_iou, predict_segmentation
-from evaluation.vos import evaluate_video, mean_pairwise_iou
+from evaluation.vos import PROMPT_AGREEMENT_WARNING, evaluate_video, mean_pairwise_iou
 from models.pe import resample_pe_pos_embed, vision_complexity
 from models.sam.image_predictor import IMAGENET_MEAN, IMAGENET_STD, LOW_RES_LOGIT_CLAMP, SAM2ImageModel
 from models.sam.sam2 import SAM2
@@ -55,8 +55,6 @@ __all__ = ["SpatialModelConfig", "SpatialOptimConfig", "SpatialAlignment", "toke
 PE_MEAN, PE_STD = 0.5, 0.5
 """PE's pixel normalisation (the student's input); SAM 2 takes ImageNet's."""
 CORRESPONDENCE_TEACHERS = ("sam", "masks")
-PROMPT_AGREEMENT_WARNING = 0.8
-"""A teacher whose grid clicks' masks overlap more than this (mean IoU) is reported as hardly local (a choice)."""
 MAX_IDS = 256
 """Object ids of uint8 masks (0 the background)."""
 

@@ -40,6 +40,7 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.utilities import rank_zero_info
 from timm.layers import LayerNorm as TimmLayerNorm
 from torch import Tensor, nn
 from torchvision.utils import make_grid, save_image
@@ -47,7 +48,8 @@ from torchvision.utils import make_grid, save_image
 import models
 from batch_contract import IMAGENET_MEAN, IMAGENET_STD
 from evaluation.boundary import boundary_iou
-from evaluation.vos import VideoScores, evaluate_video, mean_pairwise_iou, region_similarity_torch
+from evaluation.vos import (PROMPT_AGREEMENT_WARNING, VideoScores, evaluate_video, mean_pairwise_iou,
+                            region_similarity_torch)
 from models.sam.image_encoder import _official_key as official_encoder_key
 from models.sam.sam import SAM, official_sam_state
 from models.sam.sam import _official_encoder_key as official_sam_encoder_key
@@ -70,7 +72,7 @@ from trainers.sam_prompts import (
 
 __all__ = ["SAM2ModelConfig", "SAM2PromptConfig", "SAM2OptimConfig", "PromptPlan", "draw_video_plan",
            "draw_image_plan", "object_counts", "object_targets", "model_parts", "sam2_param_groups", "SAM2Training",
-           "VOSPanelLogger", "find_unused_parameters", "OBJECTS_KEY"]
+           "VOSPanelLogger", "find_unused_parameters", "OBJECTS_KEY", "report_prompt_blindness"]
 
 MODES = ("video", "image")
 PARTS = ("image_encoder", "prompt_encoder", "memory", "decoder")
@@ -430,6 +432,7 @@ class SAM2Training(Method):
             self.model.set_grad_checkpointing(True)
         self.flops_per_sample = None
         self._plan_at = (-1, 0)  # (global step, micro-batches drawn at it)
+        self._reported_prompt_blindness = False
         self._losses: dict[str, Tensor] = {}
         self._val: list[dict] = []
         self.vos_examples: tuple[Tensor, Tensor, Tensor, str] | None = None
@@ -690,6 +693,9 @@ class SAM2Training(Method):
             values = [v for record in images for v in record.get(name, ())]
             if values:
                 self.log(f"val/{IMAGE_METRICS[name]}", 100.0 * float(np.mean(values)), prog_bar=name == "1_click")
+        if self.global_step > 0 and not self._reported_prompt_blindness:  # once a run, once it has trained
+            self._reported_prompt_blindness = report_prompt_blindness(
+                [v for record in images for v in record.get("prompt_agreement", ())])
         videos = [record for record in gathered if "scores" in record]
         if not videos:
             return
@@ -733,6 +739,20 @@ class SAM2Training(Method):
         path = out_dir / f"{self.model_cfg.name}.pth"
         AtomicCheckpointIO().save_checkpoint(official_sam_checkpoint_state(self.model), path)
         return {"sam": path}
+
+
+def report_prompt_blindness(agreements: Sequence[float]) -> bool:
+    """On the console, a model whose one-click masks of an image's different objects mostly coincide (``agreements``
+    per image, :data:`evaluation.vos.PROMPT_AGREEMENT_WARNING`): its mIoU figures measure saliency, not prompting.
+    Whether it was reported."""
+    if not agreements or float(np.mean(agreements)) <= PROMPT_AGREEMENT_WARNING:
+        return False
+    rank_zero_info(f"\nThe model answers clicks on different objects of an image with nearly the same masks (they "
+                   f"overlap by {100 * float(np.mean(agreements)):.0f}% IoU on average): it does not read its clicks "
+                   "yet. From scratch on images of few objects it can lower its loss by putting the salient objects in "
+                   "its three candidate masks, whatever was clicked; a far longer run, images with more objects, or an "
+                   "official checkpoint (--init_from) gets past that.")
+    return True
 
 
 def _box_labels(box: Tensor) -> Tensor:

@@ -2,6 +2,7 @@
 1 and 5 clicks (each at the centre of the largest error, the previous best logits fed back, one mask after the first
 click) and after the exact box; and 1-frame clips validated as images while videos of the same run are tracked."""
 
+import logging
 from types import SimpleNamespace
 
 import pytest
@@ -14,7 +15,7 @@ from evaluation.boundary import boundary_iou
 from models.sam.sam import official_sam_state
 from tests.models.test_sam_model import reference_nano
 from tests.trainers.test_sam2_method import clip_batch
-from trainers.sam2 import SAM2Training, VOSPanelLogger
+from trainers.sam2 import SAM2Training, VOSPanelLogger, report_prompt_blindness
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -105,3 +106,13 @@ def test_an_image_mode_model_on_a_video_shows_the_frame_it_scored(tmp_path):
     panel = VOSPanelLogger(tmp_path)
     panel.on_validation_end(trainer, module)  # a 4-frame video with a 1-frame prediction used to fail here
     assert panel.last_path == tmp_path / "vos-step000007.png" and panel.last_path.exists()
+
+
+def test_a_model_that_does_not_read_its_clicks_is_reported(caplog):
+    with caplog.at_level(logging.INFO, logger="lightning.pytorch"):
+        assert report_prompt_blindness([0.9, 0.85])  # mean 0.875, above the 0.8 threshold
+    assert "overlap by 88% IoU on average" in caplog.text and "does not read its clicks" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="lightning.pytorch"):
+        assert not report_prompt_blindness([0.1, 0.3]) and not report_prompt_blindness([])
+    assert "read its clicks" not in caplog.text
