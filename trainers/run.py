@@ -199,7 +199,7 @@ def start_run(trainer: L.Trainer, run_dir: Path, config_yaml: str) -> Path | Non
 def print_outputs(outcome: FitOutcome, outputs: dict) -> None:
     """How every run ends: why it stopped and where everything is."""
     print(f"\n{outcome.message}")
-    width = max(14, *(len(name) for name in outputs))
+    width = max([14, *map(len, outputs)])
     for name, value in outputs.items():
         print(f"  {name:<{width}} {value}")
     print(f"  upload the W&B run with: wandb sync {outputs['wandb']}")

@@ -689,13 +689,14 @@ class SAM2Training(Method):
         local, self._val = self._val, []
         gathered = gather_objects(local)
         images = [record for record in gathered if "box" in record]
-        for name in IMAGE_METRICS:  # every rank holds the same gathered numbers
+        means = {}
+        for name, logged in IMAGE_METRICS.items():  # every rank holds the same gathered numbers
             values = [v for record in images for v in record.get(name, ())]
             if values:
-                self.log(f"val/{IMAGE_METRICS[name]}", 100.0 * float(np.mean(values)), prog_bar=name == "1_click")
+                means[name] = float(np.mean(values))
+                self.log(f"val/{logged}", 100.0 * means[name], prog_bar=name == "1_click")
         if self.global_step > 0 and not self._reported_prompt_blindness:  # once a run, once it has trained
-            self._reported_prompt_blindness = report_prompt_blindness(
-                [v for record in images for v in record.get("prompt_agreement", ())])
+            self._reported_prompt_blindness = report_prompt_blindness(means.get("prompt_agreement"))
         videos = [record for record in gathered if "scores" in record]
         if not videos:
             return
@@ -741,14 +742,14 @@ class SAM2Training(Method):
         return {"sam": path}
 
 
-def report_prompt_blindness(agreements: Sequence[float]) -> bool:
-    """On the console, a model whose one-click masks of an image's different objects mostly coincide (``agreements``
-    per image, :data:`evaluation.vos.PROMPT_AGREEMENT_WARNING`): its mIoU figures measure saliency, not prompting.
-    Whether it was reported."""
-    if not agreements or float(np.mean(agreements)) <= PROMPT_AGREEMENT_WARNING:
+def report_prompt_blindness(agreement: float | None) -> bool:
+    """On the console, a model whose one-click masks of an image's different objects mostly coincide (``agreement``,
+    their mean IoU over images, above :data:`evaluation.vos.PROMPT_AGREEMENT_WARNING`; None: no image had two
+    objects): its mIoU figures measure saliency, not prompting. Whether it was reported."""
+    if agreement is None or agreement <= PROMPT_AGREEMENT_WARNING:
         return False
     rank_zero_info(f"\nThe model answers clicks on different objects of an image with nearly the same masks (they "
-                   f"overlap by {100 * float(np.mean(agreements)):.0f}% IoU on average): it does not read its clicks "
+                   f"overlap by {100 * agreement:.0f}% IoU on average): it does not read its clicks "
                    "yet. From scratch on images of few objects it can lower its loss by putting the salient objects in "
                    "its three candidate masks, whatever was clicked; a far longer run, images with more objects, or an "
                    "official checkpoint (--init_from) gets past that.")

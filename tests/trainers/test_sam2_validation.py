@@ -110,9 +110,9 @@ def test_an_image_mode_model_on_a_video_shows_the_frame_it_scored(tmp_path):
 
 def test_a_model_that_does_not_read_its_clicks_is_reported(caplog):
     with caplog.at_level(logging.INFO, logger="lightning.pytorch"):
-        assert report_prompt_blindness([0.9, 0.85])  # mean 0.875, above the 0.8 threshold
+        assert report_prompt_blindness(0.875)  # above the 0.8 threshold
     assert "overlap by 88% IoU on average" in caplog.text and "does not read its clicks" in caplog.text
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="lightning.pytorch"):
-        assert not report_prompt_blindness([0.1, 0.3]) and not report_prompt_blindness([])
+        assert not report_prompt_blindness(0.2) and not report_prompt_blindness(None)
     assert "read its clicks" not in caplog.text
