@@ -4,6 +4,7 @@ the steps and repeats, and the options both loops share."""
 from dataclasses import dataclass, field
 from typing import Literal
 
+from datamodules.synthetic import MAX_SCENE_OBJECTS
 from trainers.build import STRATEGIES
 
 
@@ -57,7 +58,8 @@ class Config:
     num_frames: int = 8
     """Frames per clip with --trainer sam2 (SAM 2 trains on 8)."""
     objects: int = 2
-    """Objects per clip with --trainer sam2 (with --data shards: at most this many)."""
+    """Objects per clip with --trainer sam2: 1..8 with synthetic data (a scene holds at most 8); with --data shards
+    at most this many."""
     sequence_length: int | None = None
     """Tokens per conversation with --trainer plm (visual ones included): every row is right padded to it (and a
     longer one cut, as --data.max_length cuts). None: the batch's longest, rounded up to a multiple of 64."""
@@ -82,6 +84,9 @@ class Config:
                      "sequence_length"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}")
+        if self.trainer == "sam2" and self.data == "synthetic" and self.objects > MAX_SCENE_OBJECTS:
+            raise ValueError(f"--objects {self.objects}: a synthetic scene holds at most {MAX_SCENE_OBJECTS} objects; "
+                             f"use --objects 1..{MAX_SCENE_OBJECTS} (or --data shards with clips that hold more)")
         if self.warmup_steps < 0 or self.num_workers < 0 or any(n < 0 for n in self.worker_counts):
             raise ValueError("--warmup_steps, --num_workers and --worker_counts must be >= 0")
         if self.trainer == "finetune" and self.batch_size % 2:

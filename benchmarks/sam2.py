@@ -56,6 +56,7 @@ import models
 from benchmarks.config import Config, ModelChoice
 from benchmarks.measure import StepClock, format_how, how_measured
 from benchmarks.training import synthetic_video, training_benchmark
+from datamodules.synthetic import MAX_SCENE_OBJECTS
 from models.sam.sam2 import SAM2_CONFIGS, official_sam2_state
 from models.sam.video_predictor import VideoFrames, VideoPredictor
 from trainers.threads import configure_cpu_threads
@@ -428,8 +429,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for name, low in (("frames", 1), ("batch_size", 1), ("steps", 1), ("repeats", 1), ("warmup", 0)):
         if getattr(args, name) < low:
             ap.error(f"--{name} must be >= {low}, got {getattr(args, name)}")
-    if not 1 <= args.objects <= 8:
-        ap.error(f"--objects must be in 1..8, got {args.objects}")
+    if not 1 <= args.objects <= MAX_SCENE_OBJECTS:  # the synthetic video's scene holds at most this many
+        ap.error(f"--objects must be in 1..{MAX_SCENE_OBJECTS}, got {args.objects}")
     return args
 
 

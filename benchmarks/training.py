@@ -37,7 +37,7 @@ from datamodules.conversations import (ConversationDataConfig, ConversationSampl
                                        resolve_conversation_shards)
 from datamodules.shards import expand_shards
 from datamodules.streams import ShardReader
-from datamodules.synthetic import render_video, sample_scene
+from datamodules.synthetic import MAX_SCENE_OBJECTS, render_video, sample_scene
 from datamodules.text import END_TOKEN
 from datamodules.transforms import normalize_on_device
 from trainers.build import LoggingConfig, TrainerConfig, build_trainer, resolve_precision
@@ -69,7 +69,7 @@ class RepeatedBatch:
 def _world_clips(num_frames: int, objects: int, size: int, seed: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """The synthetic world's clips whose largest ``objects`` objects all show in frame 0, scene after scene."""
     for n in itertools.count():
-        scene = sample_scene(seed, n, "benchmark", max_objects=objects + 2)
+        scene = sample_scene(seed, n, "benchmark", max_objects=min(objects + 2, MAX_SCENE_OBJECTS))
         if len(scene.objects) >= objects:
             frames, ids = render_video(dataclasses.replace(scene, objects=scene.objects[:objects]), num_frames, size)
             if np.isin(np.arange(1, objects + 1), ids[0]).all():

@@ -41,6 +41,8 @@ PALETTE = {  # name -> RGB; the i-th entry is the typical colour of class i
 COLOURS = tuple(PALETTE)
 TEXTURES = ("solid", "stripes", "checker", "dots")
 BACKGROUNDS = ("solid", "gradient", "noise")
+MAX_SCENE_OBJECTS = len(COLOURS) - 2
+"""Most objects a scene holds: its background's two colours are ones that no object wears."""
 CLASS_COLOUR_PROB = 0.5
 # Hashtags: each true tag survives with its TAG_KEEP probability; Poisson(POISSON_NOISE_TAGS) noise tags
 # are drawn i.i.d. from a truncated Zipf law p(rank k) = k**-s / sum_j j**-s over the 200 NOISE_VOCAB tags
@@ -92,6 +94,9 @@ class Scene:
 
 def sample_scene(seed: int, index: int, split: str = "train", max_objects: int = 4) -> Scene:
     """Scene number ``index`` of ``split``; the same arguments always give the same scene."""
+    if not 1 <= max_objects <= MAX_SCENE_OBJECTS:
+        raise ValueError(f"sample_scene: max_objects must be in 1..{MAX_SCENE_OBJECTS}, got {max_objects}: the "
+                         f"background takes two of the {len(COLOURS)} colours that no object may wear")
     rng = np.random.default_rng([seed, zlib.crc32(split.encode()), index])
     n = int(rng.integers(1, max_objects + 1))
     # The primary object is clearly larger than the others so that "largest" is unambiguous.

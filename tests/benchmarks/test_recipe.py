@@ -150,6 +150,10 @@ def test_bad_settings_are_refused_with_the_flag_to_fix(capsys):
         parse_config(Config, ["--repeats", "0"])
     assert "--repeats must be >= 1" in capsys.readouterr().err
     with pytest.raises(SystemExit):
+        parse_config(Config, ["--trainer", "sam2", "--objects", "9"])
+    assert "--objects 9: a synthetic scene holds at most 8 objects" in capsys.readouterr().err
+    assert parse_config(Config, ["--trainer", "sam2", "--objects", "9", "--data", "shards"])[0].objects == 9
+    with pytest.raises(SystemExit):
         parse_config(Config, ["--trainer", "dino"])
     with pytest.raises(SystemExit):
         parse_config(Config, ["--precision", "16-mixed"])

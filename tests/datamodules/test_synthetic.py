@@ -52,6 +52,20 @@ def test_scene_invariants():
     assert counts.min() > 30 - 5 * math.sqrt(27) and counts.max() < 30 + 5 * math.sqrt(27)
 
 
+def test_the_densest_scenes_keep_two_background_colours_no_object_wears():
+    # 10 colours: 8 objects wear at most 8 of them, which leaves the background's two; a ninth could take one of those
+    assert len(S.COLOURS) == 10
+    sizes = set()
+    for i in range(400):
+        sc = S.sample_scene(0, i, "dense", max_objects=8)
+        sizes.add(len(sc.objects))
+        assert len(set(sc.bg_colours)) == 2 and {o.colour for o in sc.objects}.isdisjoint(sc.bg_colours)
+    assert sizes == set(range(1, 9))
+    for bad in (0, 9):
+        with pytest.raises(ValueError, match=f"max_objects must be in 1..8, got {bad}"):
+            S.sample_scene(0, 0, max_objects=bad)
+
+
 # -- rendering, against hand-worked geometry --------------------------------------------------------------
 def test_square_pixels_and_box():
     # square: |u|, |v| <= 0.75 circumradii = 0.3 of the side around 0.5 -> centres (j + 0.5) / 64 in
