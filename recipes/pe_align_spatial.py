@@ -87,7 +87,7 @@ def main(cfg: Config, config_yaml: str = "") -> dict:
     def export(trained: SpatialAlignment, out: Export) -> dict:
         return trained.export(out.dir, step=out.step)
 
-    teacher = (f"SAM 2 ({Path(cfg.teacher).name}, {model.points_per_side ** 2} prompts)"
+    teacher = (f"SAM 2 ({Path(cfg.teacher).name}, {model.points_per_side ** 2} prompts, mask {model.sam_features})"
                if model.correspondence_teacher == "sam" else "the ground-truth masks (a control, not the method)")
     headline = (f"PE spatial alignment of {model.name} @ {d.image_size}px: block {model.teacher_layer} "
                 f"self-distillation x {model.self_weight} + correspondences of {teacher} x {model.sam_weight}")

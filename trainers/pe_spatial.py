@@ -8,9 +8,9 @@ pull them, both negative cosine similarities (the paper minimises negative cosin
 - self-distillation (:func:`token_alignment_loss`): towards the patch tokens of a frozen copy of the starting tower at
   an intermediate block (``teacher_layer``), where a contrastive tower keeps its best dense features;
 - SAM 2.1 mask-logit correspondence (:func:`correspondence_loss`): SAM 2.1 is prompted with a grid of single
-  points; each location's teacher feature is the vector of its mask logits over all prompts
-  (:func:`sam_mask_logit_features`), and each row of the student's token-to-token cosine-similarity matrix is
-  pulled towards the same row of the teacher's.
+  points; each location's teacher feature is the vector of its masks over all prompts, as probabilities (the
+  sigmoid of the mask logits) by default (:func:`sam_mask_features`), and each row of the student's token-to-token
+  cosine-similarity matrix is pulled towards the same row of the teacher's.
 
 Batches carry ``frames`` (B, T, 3, S, S) normalised with PE's mean and std (0.5); every frame is a training image.
 Validation batches are whole videos (``frame_masks``, ``frame_valid``): J&F of label propagation from the first
@@ -48,13 +48,14 @@ from trainers.optim import OptimConfig, param_groups_weight_decay
 from trainers.sam_loss import mask_iou
 
 __all__ = ["SpatialModelConfig", "SpatialOptimConfig", "SpatialAlignment", "token_alignment_loss",
-           "pairwise_cosine", "correspondence_loss", "grid_points", "sam_grid_masks", "sam_mask_logit_features",
-           "teacher_click_quality", "teacher_metrics", "mask_share_features", "block_tokens", "load_sam2_teacher",
-           "export_spatial_tower", "validation_metrics"]
+           "pairwise_cosine", "correspondence_loss", "grid_points", "sam_grid_masks", "click_mask_features",
+           "sam_mask_features", "teacher_click_quality", "teacher_metrics", "mask_share_features", "block_tokens",
+           "load_sam2_teacher", "export_spatial_tower", "validation_metrics"]
 
 PE_MEAN, PE_STD = 0.5, 0.5
 """PE's pixel normalisation (the student's input); SAM 2 takes ImageNet's."""
 CORRESPONDENCE_TEACHERS = ("sam", "masks")
+SAM_FEATURES = ("probabilities", "logits")
 MAX_IDS = 256
 """Object ids of uint8 masks (0 the background)."""
 
@@ -75,6 +76,13 @@ class SpatialModelConfig:
     not the method: the training frames' ground-truth objects as a teacher that groups perfectly, each location's
     feature its area share of every object and of the background (:func:`mask_share_features`). It tells a weak
     teacher from a loss that does not help."""
+    sam_features: str = "probabilities"
+    """What a location's SAM 2 feature holds for each grid click: "probabilities", the sigmoid of the click's mask
+    logit there, or "logits", the logits themselves (clamped to +-32 as SAM 2's predictor returns them). The paper
+    matches the similarities of SAM 2.1's mask logits without saying how they are scaled before the cosine (a
+    choice). Raw logits make locations on two different objects alike: most clicks miss both, and their large
+    negative logits dominate both vectors. Probabilities keep only which masks cover a location, as the ground-truth
+    control's area shares do."""
     points_per_side: int = 8
     """SAM 2.1 is prompted with this many x this many single positive points on a regular grid (a choice: 64 masks
     at the nano's 128 px; use 16-32 at 1024 px)."""
@@ -92,6 +100,8 @@ class SpatialModelConfig:
         if self.correspondence_teacher not in CORRESPONDENCE_TEACHERS:
             raise ValueError(f"model.correspondence_teacher must be one of {', '.join(CORRESPONDENCE_TEACHERS)}, got "
                              f"{self.correspondence_teacher!r}")
+        if self.sam_features not in SAM_FEATURES:
+            raise ValueError(f"model.sam_features must be one of {', '.join(SAM_FEATURES)}, got {self.sam_features!r}")
         if self.teacher_layer < 1 or self.points_per_side < 1 or min(self.self_weight, self.sam_weight) < 0:
             raise ValueError(f"model.teacher_layer and model.points_per_side must be >= 1 and the weights >= 0; got "
                              f"{self.teacher_layer}, {self.points_per_side}, {self.self_weight}, {self.sam_weight}")
@@ -161,11 +171,19 @@ def sam_grid_masks(sam: SAM2, images: Tensor, points_per_side: int) -> Tensor:
     return torch.stack(out)
 
 
-def sam_mask_logit_features(sam: SAM2, images: Tensor, points_per_side: int, grid: tuple[int, int]) -> Tensor:
-    """SAM 2's mask logits as dense features: (N, 3, H, W) images normalised with PE's 0.5 -> (N, h*w, P), each
-    location's vector of the logits of the P grid clicks' masks (:func:`sam_grid_masks`), area-averaged to the
-    student's grid."""
-    return F.adaptive_avg_pool2d(sam_grid_masks(sam, images, points_per_side), grid).flatten(2).transpose(1, 2)
+def click_mask_features(logits: Tensor, grid: tuple[int, int], probabilities: bool = True) -> Tensor:
+    """Masks of P clicks as dense features: (N, P, H, W) mask logits -> (N, h*w, P), each location's vector of the P
+    masks' probabilities (the sigmoid of the logits) or, with ``probabilities`` False, of their logits,
+    area-averaged to the student's grid."""
+    masks = logits.float().sigmoid() if probabilities else logits.float()
+    return F.adaptive_avg_pool2d(masks, grid).flatten(2).transpose(1, 2)
+
+
+def sam_mask_features(sam: SAM2, images: Tensor, points_per_side: int, grid: tuple[int, int],
+                      probabilities: bool = True) -> Tensor:
+    """SAM 2's grid-click masks as dense features: (N, 3, H, W) images normalised with PE's 0.5 -> (N, h*w, P)
+    (:func:`sam_grid_masks` then :func:`click_mask_features`)."""
+    return click_mask_features(sam_grid_masks(sam, images, points_per_side), grid, probabilities)
 
 
 def teacher_click_quality(logits: Tensor, points_per_side: int, ids: Tensor) -> tuple[float, list[float]]:
@@ -313,12 +331,13 @@ class SpatialAlignment(Method):
         return loss
 
     def correspondence_target(self, batch, images: Tensor) -> Tensor:
-        """(N, h*w, P) features whose token similarities the student's are matched to: SAM 2's mask logits, or the
-        ground-truth control."""
+        """(N, h*w, P) features whose token similarities the student's are matched to: SAM 2's grid-click masks, or
+        the ground-truth control."""
         if self.model_cfg.correspondence_teacher == "masks":
             return mask_share_features(batch["frame_masks"].flatten(0, 1), self.grid(images))
-        return sam_mask_logit_features(self._sam_on(images.device), images, self.model_cfg.points_per_side,
-                                       self.grid(images))
+        cfg = self.model_cfg
+        return sam_mask_features(self._sam_on(images.device), images, cfg.points_per_side, self.grid(images),
+                                 probabilities=cfg.sam_features == "probabilities")
 
     def _sam_on(self, device: torch.device) -> SAM2:
         """The SAM 2 teacher on ``device`` (it is not a submodule, so Lightning does not move it)."""
@@ -398,8 +417,9 @@ class SpatialAlignment(Method):
             rank_zero_info(f"\nThe SAM 2 teacher's masks hardly depend on where it is clicked: two of its {points} x "
                            f"{points} grid clicks' masks overlap by {metrics['teacher_prompt_agreement']:.0f}% IoU on "
                            f"average, and a click's mask covers the object clicked by "
-                           f"{metrics['teacher_click_IoU']:.0f}% IoU. Its correspondences carry little locality; a "
-                           "stronger teacher (an official SAM 2.1, or a longer sam2_train run) is what they need.")
+                           f"{metrics['teacher_click_IoU']:.0f}% IoU. Its correspondences carry little locality; "
+                           "they need a stronger teacher: an official SAM 2.1, or a sam2_train run in image mode for "
+                           "thousands of steps (--model.mode image --data.num_frames 1 --trainer.max_steps 6000).")
 
     # -- export --------------------------------------------------------------------------------------------------
     def export(self, out_dir: Path, **metadata) -> dict[str, Path]:

@@ -751,8 +751,9 @@ def report_prompt_blindness(agreement: float | None) -> bool:
     rank_zero_info(f"\nThe model answers clicks on different objects of an image with nearly the same masks (they "
                    f"overlap by {100 * agreement:.0f}% IoU on average): it does not read its clicks "
                    "yet. From scratch on images of few objects it can lower its loss by putting the salient objects in "
-                   "its three candidate masks, whatever was clicked; a far longer run, images with more objects, or an "
-                   "official checkpoint (--init_from) gets past that.")
+                   "its three candidate masks, whatever was clicked. Thousands of steps in image mode (--model.mode "
+                   "image --data.num_frames 1 --trainer.max_steps 6000), images with more objects, or an official "
+                   "checkpoint (--init_from) get past that.")
     return True
 
 

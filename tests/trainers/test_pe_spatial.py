@@ -11,9 +11,10 @@ import torch
 import models
 from models.sam.image_predictor import SAM2ImagePredictor
 from tests.models.test_sam2_model import sam2_nano_checkpoint
-from trainers.pe_spatial import (SpatialAlignment, SpatialModelConfig, block_tokens, correspondence_loss, grid_points,
-                                 load_sam2_teacher, mask_share_features, pairwise_cosine, sam_mask_logit_features,
-                                 spatial_trunk, teacher_click_quality, token_alignment_loss)
+from trainers.pe_spatial import (SpatialAlignment, SpatialModelConfig, block_tokens, click_mask_features,
+                                 correspondence_loss, grid_points, load_sam2_teacher, mask_share_features,
+                                 pairwise_cosine, sam_mask_features, spatial_trunk, teacher_click_quality,
+                                 token_alignment_loss)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -104,16 +105,41 @@ def test_sam_features_are_the_image_predictors_best_masks(teacher_file):
     sam = load_sam2_teacher(str(teacher_file))
     torch.manual_seed(1)
     image = torch.randint(0, 256, (3, 128, 128), dtype=torch.uint8)
-    features = sam_mask_logit_features(sam, (image[None] / 255.0 - 0.5) / 0.5, 2, (32, 32))  # (1, 32*32, 4)
+    pixels = (image[None] / 255.0 - 0.5) / 0.5
+    logits = sam_mask_features(sam, pixels, 2, (32, 32), probabilities=False)  # (1, 32*32, 4)
+    probabilities = sam_mask_features(sam, pixels, 2, (32, 32))
     predictor = SAM2ImagePredictor(sam)
     predictor.set_image(image.permute(1, 2, 0).numpy())
     for p, (x, y) in enumerate([(32, 32), (96, 32), (32, 96), (96, 96)]):
         _, iou, low_res = predictor.predict(np.array([[x, y]]), np.array([1]), multimask_output=True)
         best = torch.from_numpy(low_res[int(np.argmax(iou))])
-        assert torch.allclose(features[0, :, p], best.flatten(), atol=1e-3)
-    pooled = sam_mask_logit_features(sam, (image[None] / 255.0 - 0.5) / 0.5, 2, (16, 16))
-    by_hand = features[0].T.view(4, 16, 2, 16, 2).mean(dim=(2, 4)).flatten(1).T  # 2 x 2 averages
+        assert torch.allclose(logits[0, :, p], best.flatten(), atol=1e-3)
+        assert torch.allclose(probabilities[0, :, p], best.flatten().sigmoid(), atol=1e-4)
+    pooled = sam_mask_features(sam, pixels, 2, (16, 16), probabilities=False)
+    by_hand = logits[0].T.view(4, 16, 2, 16, 2).mean(dim=(2, 4)).flatten(1).T  # 2 x 2 averages
     assert torch.allclose(pooled[0], by_hand, atol=1e-4)
+
+
+def test_probabilities_tell_objects_apart_where_raw_logits_do_not():
+    # A teacher that reads its 16 clicks perfectly: clicks 0-1 land on object A (columns 0-1 of a 4 x 4 grid of
+    # cells, rows 0-1), 2-3 on object B (rows 2-3, columns 2-3); the other 12 land on the background and answer with
+    # it. Each mask is +10 inside, -32 (the clamp) outside.
+    ids = torch.zeros(4, 4, dtype=torch.long)
+    ids[:2, :2], ids[2:, 2:] = 1, 2
+    clicked = torch.tensor([1, 1, 2, 2] + [0] * 12)
+    logits = torch.where(ids[None] == clicked[:, None, None], 10.0, -32.0)[None]  # (1, 16, 4, 4)
+    a, b = 0, 15  # a cell of A and a cell of B
+    probabilities = pairwise_cosine(click_mask_features(logits, (4, 4)))[0]
+    assert probabilities[a, b] == pytest.approx(0.0, abs=1e-6) and probabilities[a, 1] == pytest.approx(1.0)
+    # raw: A's cell (10, 10, -32, -32, -32 x 12), B's (-32, -32, 10, 10, -32 x 12): dot 12 * 1024 - 4 * 320, each
+    # norm squared 2 * 100 + 14 * 1024 -> cos = 11008 / 14536 = 0.76: two objects look alike
+    raw = pairwise_cosine(click_mask_features(logits, (4, 4), probabilities=False))[0]
+    assert raw[a, b] == pytest.approx((12 * 1024 - 4 * 320) / (2 * 100 + 14 * 1024), abs=1e-5)
+
+
+def test_unknown_sam_features_are_refused():
+    with pytest.raises(ValueError, match="sam_features must be one of probabilities, logits, got 'softmax'"):
+        SpatialModelConfig(sam_features="softmax")
 
 
 def test_a_teacher_checkpoint_without_its_run_is_refused_without_a_flag_the_recipe_lacks(tmp_path):
@@ -176,5 +202,17 @@ def test_the_ground_truth_control_matches_the_masks_not_sam(teacher_file):
     grid = (64 // method.model.patch_embed.patch_size[0],) * 2
     expected = correspondence_loss(student, mask_share_features(masks.flatten(0, 1), grid))
     assert torch.allclose(method._sam_loss.detach(), expected.detach(), atol=1e-6)
-    with_sam = correspondence_loss(student, sam_mask_logit_features(method.sam, frames.flatten(0, 1), 8, grid))
+    with_sam = correspondence_loss(student, sam_mask_features(method.sam, frames.flatten(0, 1), 8, grid))
     assert not torch.allclose(with_sam, expected, atol=1e-3)  # a different teacher would have given another loss
+
+
+@pytest.mark.parametrize("features", ["probabilities", "logits"])
+def test_the_sam_target_holds_the_chosen_features(teacher_file, features):
+    method = SpatialAlignment({"name": "pe_core_nano", "sam_features": features}, None, 1e-4, 10, str(teacher_file), 64)
+    frames = torch.randn(1, 1, 3, 64, 64)
+    images = frames.flatten(0, 1)
+    grid = method.grid(images)
+    expected = sam_mask_features(method.sam, images, 8, grid, probabilities=features == "probabilities")
+    other = sam_mask_features(method.sam, images, 8, grid, probabilities=features != "probabilities")
+    target = method.correspondence_target({"frames": frames}, images)
+    assert torch.allclose(target, expected, atol=1e-6) and not torch.allclose(target, other, atol=1e-2)
