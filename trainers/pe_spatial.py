@@ -45,6 +45,7 @@ from trainers.checkpoint import save_timm_tower
 from trainers.handoff import load_into
 from trainers.method import Method, as_config
 from trainers.optim import OptimConfig, param_groups_weight_decay
+from trainers.sam2 import CLICK_READING_RUN
 from trainers.sam_loss import mask_iou
 
 __all__ = ["SpatialModelConfig", "SpatialOptimConfig", "SpatialAlignment", "token_alignment_loss",
@@ -418,8 +419,8 @@ class SpatialAlignment(Method):
                            f"{points} grid clicks' masks overlap by {metrics['teacher_prompt_agreement']:.0f}% IoU on "
                            f"average, and a click's mask covers the object clicked by "
                            f"{metrics['teacher_click_IoU']:.0f}% IoU. Its correspondences carry little locality; "
-                           "they need a stronger teacher: an official SAM 2.1, or a sam2_train run in image mode for "
-                           "thousands of steps (--model.mode image --data.num_frames 1 --trainer.max_steps 6000).")
+                           f"they need a stronger teacher: an official SAM 2.1, or a run in image mode for thousands "
+                           f"of steps ({CLICK_READING_RUN}).")
 
     # -- export --------------------------------------------------------------------------------------------------
     def export(self, out_dir: Path, **metadata) -> dict[str, Path]:

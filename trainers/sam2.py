@@ -72,9 +72,13 @@ from trainers.sam_prompts import (
 
 __all__ = ["SAM2ModelConfig", "SAM2PromptConfig", "SAM2OptimConfig", "PromptPlan", "draw_video_plan",
            "draw_image_plan", "object_counts", "object_targets", "model_parts", "sam2_param_groups", "SAM2Training",
-           "VOSPanelLogger", "find_unused_parameters", "OBJECTS_KEY", "report_prompt_blindness"]
+           "VOSPanelLogger", "find_unused_parameters", "OBJECTS_KEY", "report_prompt_blindness", "CLICK_READING_RUN"]
 
 MODES = ("video", "image")
+CLICK_READING_RUN = ("python -m recipes.sam2_train --model.mode image --data.num_frames 1 --data.batch_size 4 "
+                     "--trainer.max_steps 6000")
+"""A SAM 2 nano run from scratch that learns to read its clicks on the synthetic world (31 minutes on 2 CPU cores:
+one-click masks of different objects overlapping by 14%), where the 500-step video default does not."""
 PARTS = ("image_encoder", "prompt_encoder", "memory", "decoder")
 # Parameter-name prefixes of each part (a prefix ending without "." is a whole parameter's name).
 _SAM2_PARTS = {
@@ -751,9 +755,9 @@ def report_prompt_blindness(agreement: float | None) -> bool:
     rank_zero_info(f"\nThe model answers clicks on different objects of an image with nearly the same masks (they "
                    f"overlap by {100 * agreement:.0f}% IoU on average): it does not read its clicks "
                    "yet. From scratch on images of few objects it can lower its loss by putting the salient objects in "
-                   "its three candidate masks, whatever was clicked. Thousands of steps in image mode (--model.mode "
-                   "image --data.num_frames 1 --trainer.max_steps 6000), images with more objects, or an official "
-                   "checkpoint (--init_from) get past that.")
+                   "its three candidate masks, whatever was clicked. Thousands of steps in image mode "
+                   f"({CLICK_READING_RUN}), images with more objects, or an official checkpoint (--init_from) get "
+                   "past that.")
     return True
 
 
