@@ -77,7 +77,7 @@ __all__ = ["SAM2ModelConfig", "SAM2PromptConfig", "SAM2OptimConfig", "PromptPlan
 MODES = ("video", "image")
 CLICK_READING_RUN = ("python -m recipes.sam2_train --model.mode image --data.num_frames 1 --data.batch_size 4 "
                      "--trainer.max_steps 6000")
-"""A SAM 2 nano run from scratch that learns to read its clicks on the synthetic world (31 minutes on 2 CPU cores:
+"""A SAM 2 nano run from scratch that learns to read its clicks on the synthetic world (31 to 43 minutes on 2 CPU cores:
 one-click masks of different objects overlapping by 14%), where the 500-step video default does not."""
 PARTS = ("image_encoder", "prompt_encoder", "memory", "decoder")
 # Parameter-name prefixes of each part (a prefix ending without "." is a whole parameter's name).
